@@ -1,0 +1,258 @@
+"""CPU kernel family: four ``@njit(parallel=True)`` kernels on a contiguous 3-D view ``x3 = (P, Q, L)``.
+
+Every norm is one of two reduction shapes over that view (``_plan.py`` picks the view, never the kernel):
+
+* *lane*: a group is the contiguous lane ``x3[p, q, :]`` (channels-first BN/IN/GN: ``(N, C, H·W)``;
+  layer/RMS norm: ``(1, rows, D)``).
+* *column*: a group is ``cg`` adjacent columns of the rows ``x3[p, :, :]`` (channels-last
+  ``(N, H·W, C)``; batch norm flattens the batch into the rows, ``(1, N·H·W, C)``).
+
+Batch norm additionally merges the groups of every ``p``.  Apply kernels use one of three coefficient
+layouts (``LANE``: one value per lane ``[p, q]``; ``COLUMN``: a vector per column ``[p, l]``; ``ROW``:
+per-row scalars times per-column weight/bias, for layer/RMS norm).  A coefficient array whose first
+dimension is 1 is broadcast over ``p``.
+
+Determinism: every reduction is cut into chunks whose size follows the problem (``chunk`` from the
+plan), never the thread count; each prange iteration writes its own partial, and partials are merged
+serially in a fixed order.  ``NUMBA_NUM_THREADS=1`` and ``=2`` therefore give bitwise identical results.
+
+Kernels never allocate and never validate: ``_plan.py`` does both, once.
+"""
+from numba import njit, prange
+
+from ._math import merge_into
+
+# reassoc lets LLVM split the float64 sums into vector lanes (3-4x on the stats pass in our
+# measurements); the order it picks is fixed by the compiled code, not by the thread count, so results
+# stay bitwise reproducible.  No nnan/ninf: NaN and inf must reach the group's output.  cache=True: a
+# warm process loads the kernels in ~0.3 s instead of compiling them again (~1.2 s each, cold).
+_JIT = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+LANE, COLUMN, ROW = 0, 1, 2
+
+
+@njit(**_JIT)
+def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
+    """Per-group mean and M2 = Σ(x − mean)², accumulated in float64.
+
+    Stage 1 (parallel): each chunk (``chunk`` elements of a lane, or ``chunk`` rows of a column block)
+    is read twice while it sits in cache: once for its mean, once for Σ(x − mean)² — the mean is
+    subtracted before squaring, so float32 data at an offset of 1e6 loses nothing.  Partials go to
+    ``pmean``/``pm2``: ``(P, Q, K)`` for lanes, ``(P, K, L)`` for columns.
+    Stage 2 (parallel over groups): Chan's merge of the partials in a fixed order.  ``mean``/``m2`` are
+    ``(P, G)``, or ``(1, G)`` when the groups of every p are merged (batch norm).
+    """
+    P, Q, L = x3.shape
+    if lane:
+        K = pmean.shape[2]
+        for it in prange(P * Q * K):
+            p = it // (Q * K)
+            q = (it // K) % Q
+            k = it % K
+            v = x3[p, q, k * chunk:min((k + 1) * chunk, L)]
+            s = 0.0
+            for i in range(v.size):
+                s += v[i]
+            mu = s / v.size
+            ss = 0.0
+            for i in range(v.size):
+                d = v[i] - mu
+                ss += d * d
+            pmean[p, q, k] = mu
+            pm2[p, q, k] = ss
+    else:
+        K = pmean.shape[1]
+        for it in prange(P * K):
+            p = it // K
+            k = it % K
+            lo = k * chunk
+            hi = min(lo + chunk, Q)
+            acc = pmean[p, k]
+            sq = pm2[p, k]
+            acc[:] = 0.0
+            sq[:] = 0.0
+            for q in range(lo, hi):
+                v = x3[p, q]
+                for l in range(L):
+                    acc[l] += v[l]
+            inv = 1.0 / (hi - lo)
+            for l in range(L):
+                acc[l] *= inv
+            for q in range(lo, hi):
+                v = x3[p, q]
+                for l in range(L):
+                    d = v[l] - acc[l]
+                    sq[l] += d * d
+
+    Pm, G = mean.shape
+    for it in prange(Pm * G):
+        pm = it // G
+        g = it % G
+        p0, p1 = (0, P) if Pm == 1 else (pm, pm + 1)
+        n, mu, M2 = 0.0, 0.0, 0.0
+        for p in range(p0, p1):
+            for k in range(K):
+                if lane:
+                    n, mu, M2 = merge_into(n, mu, M2, min(chunk, L - k * chunk), pmean[p, g, k], pm2[p, g, k])
+                else:
+                    rows = min(chunk, Q - k * chunk)
+                    for l in range(g * cg, (g + 1) * cg):
+                        n, mu, M2 = merge_into(n, mu, M2, rows, pmean[p, k, l], pm2[p, k, l])
+        mean[pm, g] = mu
+        m2[pm, g] = M2
+
+
+@njit(**_JIT)
+def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
+    """y = (x − mean)·scale + shift in float64, rounded once to y's dtype.
+
+    LANE: mean/scale/shift are ``[p, q]`` scalars;  COLUMN: ``[p, :]`` vectors over l;
+    ROW: y = (x − mean[p, q])·scale[p, q]·weight[l] + bias[l]  (``shift`` unused).
+    Subtracting the float64 mean first keeps float32 input at offset 1e6 exact to ~1e-7 relative.
+    """
+    P, Q, L = x3.shape
+    bc = mean.shape[0] == 1
+    for it in prange(P * Q):
+        p = it // Q
+        q = it % Q
+        pc = 0 if bc else p
+        v = x3[p, q]
+        o = y3[p, q]
+        if mode == COLUMN:
+            m = mean[pc]
+            s = scale[pc]
+            t = shift[pc]
+            for l in range(L):
+                o[l] = (v[l] - m[l]) * s[l] + t[l]
+        elif mode == LANE:
+            m0 = mean[pc, q]
+            s0 = scale[pc, q]
+            t0 = shift[pc, q]
+            for l in range(L):
+                o[l] = (v[l] - m0) * s0 + t0
+        else:
+            m0 = mean[pc, q]
+            s0 = scale[pc, q]
+            for l in range(L):
+                o[l] = (v[l] - m0) * s0 * weight[l] + bias[l]
+
+
+@njit(**_JIT)
+def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, row_g, row_gx):
+    """Σ dy and Σ dy·x̂ (x̂ = (x − mean)·rstd) per coefficient, in float64 — the two sums every backward needs.
+
+    LANE: per lane ``[p, q]``, partials ``(P, Q, K)`` over chunks of the lane.
+    COLUMN: per column ``[p, l]``, partials ``(P, K, L)`` over chunks of rows.
+    ROW (layer/RMS norm): per column over all rows (→ dweight, dbias) and, in the same pass, per row
+    ``row_g = Σ_l dy·weight`` and ``row_gx = Σ_l dy·weight·x̂`` (→ dx).
+    ``sum_dy``/``sum_dyx`` are ``(P, X)`` or ``(1, X)`` (summed over p too); stage 2 merges in fixed order.
+    """
+    P, Q, L = x3.shape
+    bc = mean.shape[0] == 1
+    if mode == LANE:
+        K = pa.shape[2]
+        for it in prange(P * Q * K):
+            p = it // (Q * K)
+            q = (it // K) % Q
+            k = it % K
+            pc = 0 if bc else p
+            lo = k * chunk
+            hi = min(lo + chunk, L)
+            d = dy3[p, q, lo:hi]
+            v = x3[p, q, lo:hi]
+            m0 = mean[pc, q]
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(hi - lo):
+                s1 += d[i]
+                s2 += d[i] * (v[i] - m0)
+            pa[p, q, k] = s1
+            pb[p, q, k] = s2 * rstd[pc, q]
+    else:
+        K = pa.shape[1]
+        for it in prange(P * K):
+            p = it // K
+            k = it % K
+            pc = 0 if bc else p
+            a = pa[p, k]
+            b = pb[p, k]
+            a[:] = 0.0
+            b[:] = 0.0
+            for q in range(k * chunk, min((k + 1) * chunk, Q)):
+                d = dy3[p, q]
+                v = x3[p, q]
+                if mode == COLUMN:
+                    m = mean[pc]
+                    r = rstd[pc]
+                    for l in range(L):
+                        a[l] += d[l]
+                        b[l] += d[l] * (v[l] - m[l]) * r[l]
+                else:
+                    m0 = mean[pc, q]
+                    r0 = rstd[pc, q]
+                    sg = 0.0
+                    sgx = 0.0
+                    for l in range(L):
+                        xh = (v[l] - m0) * r0
+                        a[l] += d[l]
+                        b[l] += d[l] * xh
+                        g = d[l] * weight[l]
+                        sg += g
+                        sgx += g * xh
+                    row_g[p, q] = sg
+                    row_gx[p, q] = sgx
+
+    Pc, X = sum_dy.shape
+    for it in prange(Pc * X):
+        pc = it // X
+        j = it % X
+        p0, p1 = (0, P) if Pc == 1 else (pc, pc + 1)
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(p0, p1):
+            for k in range(K):
+                if mode == LANE:
+                    s1 += pa[p, j, k]
+                    s2 += pb[p, j, k]
+                else:
+                    s1 += pa[p, k, j]
+                    s2 += pb[p, k, j]
+        sum_dy[pc, j] = s1
+        sum_dyx[pc, j] = s2
+
+
+@njit(**_JIT)
+def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
+    """dx = dy·A + x·B + C in float64 — the input gradient of every norm, with coefficients from the plan.
+
+    Training: A = k·rstd·w, B = −k·rstd²·mean(g·x̂), C = −k·rstd·mean(g) − mean·B (k = r for batch
+    renorm, 1 otherwise); eval: A = w·rstd, B = C = 0.  Same coefficient layouts as ``normalize``;
+    ROW: dx = dy·A[p, q]·weight[l] + x·B[p, q] + C[p, q].
+    """
+    P, Q, L = x3.shape
+    bc = ca.shape[0] == 1
+    for it in prange(P * Q):
+        p = it // Q
+        q = it % Q
+        pc = 0 if bc else p
+        d = dy3[p, q]
+        v = x3[p, q]
+        o = dx3[p, q]
+        if mode == COLUMN:
+            a = ca[pc]
+            b = cb[pc]
+            c = cc[pc]
+            for l in range(L):
+                o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
+        elif mode == LANE:
+            a0 = ca[pc, q]
+            b0 = cb[pc, q]
+            c0 = cc[pc, q]
+            for l in range(L):
+                o[l] = d[l] * a0 + v[l] * b0 + c0
+        else:
+            a0 = ca[pc, q]
+            b0 = cb[pc, q]
+            c0 = cc[pc, q]
+            for l in range(L):
+                o[l] = d[l] * a0 * weight[l] + v[l] * b0 + c0

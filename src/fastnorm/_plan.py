@@ -1,0 +1,269 @@
+"""Validation, the canonical view of an input, and allocation — everything the kernels must not do.
+
+A *plan* maps one input (shape, memory layout, channel axis, op) onto the kernels' contiguous
+``(P, Q, L)`` view without copying it:
+
+===============  ==================  ===========  ========================  ===========
+op               memory              view         group                     coefficient
+===============  ==================  ===========  ========================  ===========
+batch norm       channels-first      (N, C, S)    lane, merged over N       LANE (1, C)
+batch norm       channels-last/2-D   (1, N·S, C)  column                    COLUMN (1, C)
+instance norm    channels-first      (N, C, S)    lane                      LANE (N, C)
+instance norm    channels-last       (N, S, C)    column                    COLUMN (N, C)
+group norm       channels-first      (N, G, Cg·S) lane (apply: (N, C, S))   LANE (N, C)
+group norm       channels-last       (N, S, C)    Cg columns                COLUMN (N, C)
+layer/RMS norm   any                 (1, rows, D) lane                      ROW (1, rows)
+===============  ==================  ===========  ========================  ===========
+
+The layout is read from the strides, not from ``axis``: an ``axis=1`` array stored channels-last (a
+transposed view, as PyTorch's ``channels_last``) is used as it lies.  Only an array that is neither
+gets one contiguous copy.
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from . import _cpu
+
+# Elements per reduction chunk: 32768 float32 = 128 KiB, which stays in L2 between the two passes of
+# the moments kernel.  It follows the problem, never the thread count (bitwise reproducibility).
+CHUNK = 32768
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_PARAM_FLOATS = _FLOATS
+
+
+# ---------------------------------------------------------------- validation
+
+def is_device(a):
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def backend(**arrays):
+    """'cpu' or 'cuda' for the array arguments of one call; mixing is a TypeError naming both sides."""
+    given = {k: v for k, v in arrays.items() if v is not None}
+    device = sorted(k for k, v in given.items() if is_device(v))
+    if not device:
+        return "cpu"
+    host = sorted(k for k in given if k not in device)
+    if host:
+        raise TypeError(f"all array arguments must be on the same device: {', '.join(device)} on the GPU "
+                        f"(__cuda_array_interface__) but {', '.join(host)} on the host (NumPy)")
+    return "cuda"
+
+
+def check_input(x, name="input"):
+    if not (isinstance(x, np.ndarray) or is_device(x)):
+        raise TypeError(f"{name} must be a NumPy array or a CUDA device array, got {type(x).__name__}")
+    if np.dtype(x.dtype) not in _FLOATS:
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {np.dtype(x.dtype)}")
+    return x
+
+
+def check_param(p, name, shape):
+    """weight/bias/running stats: None, or a float array of exactly ``shape``."""
+    if p is None:
+        return None
+    if not (isinstance(p, np.ndarray) or is_device(p)):
+        raise TypeError(f"{name} must be a NumPy array or None, got {type(p).__name__}")
+    if np.dtype(p.dtype) not in _PARAM_FLOATS:
+        raise TypeError(f"{name} must be a float array, got dtype {np.dtype(p.dtype)}")
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+    return p
+
+
+def check_running(running_mean, running_var, C, update):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    check_param(running_mean, "running_mean", (C,))
+    check_param(running_var, "running_var", (C,))
+    if update and running_mean is not None:
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            if isinstance(a, np.ndarray) and not a.flags.writeable:
+                raise ValueError(f"{name} is read-only but must be updated in place when training "
+                                 f"(shape {a.shape})")
+
+
+def check_eps(eps, strict):
+    if not isinstance(eps, (int, float, np.floating, np.integer)) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if eps < 0 or (strict and eps <= 0) or not math.isfinite(eps):
+        raise ValueError(f"eps must be {'> 0' if strict else '>= 0'} and finite, got {eps}")
+    return float(eps)
+
+
+def check_momentum(momentum, num_batches_tracked, update):
+    """The running-average factor m: ``momentum``, or 1/num_batches_tracked when momentum is None."""
+    if momentum is None:
+        if not update:
+            return None
+        if isinstance(num_batches_tracked, np.ndarray) and num_batches_tracked.ndim == 0:
+            num_batches_tracked = num_batches_tracked.item()
+        if not isinstance(num_batches_tracked, (int, np.integer)) or num_batches_tracked < 1:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked=<int >= 1, "
+                             f"the count including this step>, got {num_batches_tracked!r}")
+        return 1.0 / int(num_batches_tracked)
+    if not isinstance(momentum, (int, float, np.floating, np.integer)) or isinstance(momentum, bool):
+        raise TypeError(f"momentum must be a number or None, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return float(momentum)
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim or axis % ndim == 0:
+        raise ValueError(f"{name}={axis} is out of range for an input of {ndim} dimensions: the channel "
+                         f"axis must be one of 1..{ndim - 1} (or -1..-{ndim - 1}); axis 0 is the batch")
+    return int(axis) % ndim
+
+
+def check_out(out, x, dtype):
+    if out is None:
+        return None
+    if not (isinstance(out, np.ndarray) or is_device(out)):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(x.shape) or np.dtype(out.dtype) != dtype:
+        raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {dtype}, got shape "
+                         f"{tuple(out.shape)} and dtype {np.dtype(out.dtype)}")
+    if isinstance(out, np.ndarray):
+        if not out.flags.writeable:
+            raise ValueError(f"out is read-only (shape {out.shape})")
+        if np.may_share_memory(out, x):
+            raise ValueError(f"out must not alias input (shape {x.shape}); fastnorm never works in place")
+    return out
+
+
+def per_channel_error(shape):
+    return ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+
+
+# ---------------------------------------------------------------- the canonical view
+
+class View:
+    """One input's mapping onto the kernels (see the module table).  Cached per (shape, strides, op)."""
+
+    __slots__ = ("axis", "move", "moved_shape", "shape3", "stats3", "lane", "cg", "chunk", "parts",
+                 "stats_shape", "mode", "groups", "group_size", "channels", "per_sample", "rchunk",
+                 "rparts")
+
+    def to3(self, a, shape3=None):
+        """a (the input's shape) → the contiguous (P, Q, L) view; copies only an array laid out otherwise."""
+        if self.move is not None:
+            a = np.moveaxis(a, self.axis, self.move)
+        return np.ascontiguousarray(a).reshape(self.shape3 if shape3 is None else shape3)
+
+    def view3(self, a):
+        """Like to3, but None where ``a`` cannot be viewed without a copy (so results cannot be written into it)."""
+        if self.move is not None:
+            a = np.moveaxis(a, self.axis, self.move)
+        return a.reshape(self.shape3) if a.flags.c_contiguous else None
+
+    def empty(self, dtype):
+        """A new output laid out like the planned view, returned in the input's axis order."""
+        y = np.empty(self.moved_shape, dtype)
+        return y if self.move is None else np.moveaxis(y, self.move, self.axis)
+
+
+def _chunks(length):
+    return max(1, -(-length // CHUNK))
+
+
+@lru_cache(maxsize=512)
+def _channel_view(shape, strides, itemsize, axis, op, groups):
+    """op: 'batch' (reduce over N and spatial), 'instance' or 'group' (per sample)."""
+    v = View()
+    v.axis = axis
+    N, C = shape[0], shape[axis]
+    S = math.prod(shape) // (N * C) if N * C else 0
+    first = _is_c_contiguous(_moved(shape, strides, axis, 1), itemsize)
+    last = not first and _is_c_contiguous(_moved(shape, strides, axis, len(shape) - 1), itemsize)
+    if op == "batch" and not (first or last) and _is_c_contiguous((shape, strides), itemsize):
+        # channels in the middle of a contiguous array: (A, C, B), every A and B reduced
+        v.move, v.moved_shape = None, shape
+        N, S = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+        first = True
+    else:
+        v.move = len(shape) - 1 if last else 1
+        v.moved_shape = _moved(shape, strides, axis, v.move)[0]
+        first = not last                                # neither layout: to3 copies to channels-first
+    if op == "batch" and first and S == 1:
+        first, last, S, N = False, True, N, 1           # (N, C) per-activation BN is a column reduction
+    elif op == "batch" and last:
+        S, N = N * S, 1                                 # the batch is just more rows
+    G = groups if op == "group" else C
+    v.groups, v.group_size, v.channels = G, C // G, C
+    v.per_sample = op != "batch"
+    v.lane = not last
+    v.mode = _cpu.LANE if v.lane else _cpu.COLUMN
+    v.shape3 = (N, C, S) if v.lane else (N, S, C)
+    if v.lane:
+        v.stats3 = (N, G, (C // G) * S)
+        v.cg, v.chunk = 1, CHUNK
+        v.parts = (N, G, _chunks((C // G) * S))
+    else:
+        v.stats3 = v.shape3
+        v.cg, v.chunk = C // G, max(1, CHUNK // max(C, 1))
+        v.parts = (N, max(1, -(-S // v.chunk)), C)
+    v.stats_shape = (N if v.per_sample else 1, G)
+    _backward_chunks(v)
+    return v
+
+
+@lru_cache(maxsize=512)
+def _row_view(shape, ndim_normalized):
+    v = View()
+    D = math.prod(shape[len(shape) - ndim_normalized:])
+    rows = math.prod(shape[:len(shape) - ndim_normalized])
+    v.axis, v.move, v.moved_shape = None, None, shape
+    v.shape3 = v.stats3 = (1, rows, D)
+    v.lane, v.cg, v.chunk = True, 1, CHUNK
+    v.parts = (1, rows, _chunks(D))
+    v.stats_shape = (1, rows)
+    v.mode = _cpu.ROW
+    v.groups, v.group_size, v.channels, v.per_sample = rows, 1, D, True
+    _backward_chunks(v)
+    return v
+
+
+def _backward_chunks(v):
+    """backward_reduce partials: chunks of each lane (LANE), or chunks of rows × columns (COLUMN, ROW)."""
+    P, Q, L = v.shape3
+    if v.mode == _cpu.LANE:
+        v.rchunk, v.rparts = CHUNK, (P, Q, _chunks(L))
+    else:
+        v.rchunk = max(1, CHUNK // max(L, 1))
+        v.rparts = (P, max(1, -(-Q // v.rchunk)), L)
+
+
+def _moved(shape, strides, src, dst):
+    order = [i for i in range(len(shape)) if i != src]
+    order.insert(dst, src)
+    return tuple(shape[i] for i in order), tuple(strides[i] for i in order)
+
+
+def _is_c_contiguous(shape_strides, itemsize):
+    shape, strides = shape_strides
+    expected = itemsize
+    for n, s in zip(reversed(shape), reversed(strides)):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def channel_view(x, axis, op, groups=None):
+    return _channel_view(x.shape, x.strides, x.itemsize, axis, op, groups)
+
+
+def row_view(x, ndim_normalized):
+    # layer/RMS norm read rows of the trailing dims: a non-contiguous input is copied once by to3
+    return _row_view(x.shape, ndim_normalized)
+
+
+def compute_dtype(dtype):
+    """float16 is computed in float32 (one converted copy) and returned as float16."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)

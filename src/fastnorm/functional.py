@@ -1,0 +1,372 @@
+"""Public ops: validate → plan → dispatch.  Signatures and defaults follow ``torch.nn.functional``.
+
+Every op is the same computation (``semantics.md``): per-group statistics, then
+
+    y  = (x − mean)·scale + shift                        (scale = rstd·r·w, shift = d·w + b)
+    dx = dy·A + x·B + C                                  (A = k·rstd·w, B = −k·rstd²·mean(g·x̂),
+                                                          C = −k·rstd·mean(g) − mean·B, g = dy·w)
+
+with k = r, d from batch renorm (1 and 0 otherwise).  The ops differ only in their plan (``_plan.py``:
+which elements form a group) and in how they fold running statistics, so this module holds the
+coefficient algebra once, on per-group arrays of a few thousand numbers — never a loop over data.
+"""
+import numpy as np
+
+from . import _cpu, _plan
+from ._math import renorm_rd, running_update
+from ._plan import (check_eps, check_input, check_momentum, check_out, check_param, check_running,
+                    compute_dtype, normalize_axis, per_channel_error)
+
+__all__ = [
+    "batch_norm", "batch_norm_forward", "batch_norm_backward",
+    "batch_renorm", "batch_renorm_forward", "batch_renorm_backward",
+    "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "group_norm", "group_norm_forward", "group_norm_backward",
+    "layer_norm", "layer_norm_forward", "layer_norm_backward",
+    "rms_norm", "rms_norm_forward", "rms_norm_backward",
+]
+
+_ONE = np.ones((1, 1))      # placeholder for kernel arguments a mode does not read
+
+
+class Context:
+    """What a forward saves for its backward.  Treat as opaque; ``x`` is referenced, not copied."""
+
+    __slots__ = ("view", "x3", "shape", "dtype", "n", "mean", "rstd", "k", "d", "batch_stats", "rms",
+                 "weight", "bias", "w", "backend")
+
+
+# ---------------------------------------------------------------- shared engine
+
+def _expand(view, per_group):
+    """(rows, G) per-group values → the kernels' coefficient layout: (rows, C) per channel, or as is."""
+    if view.mode == _cpu.ROW or view.group_size == 1:
+        return per_group
+    return np.repeat(per_group, view.group_size, axis=1)
+
+
+def _weight_vector(weight, length):
+    """weight (C,) or normalized_shape → a float64 vector; None → ones."""
+    return np.ones(length) if weight is None else weight.astype(np.float64, copy=False).reshape(-1)
+
+
+def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, momentum=None,
+             renorm=None, rms=False):
+    """The one forward: statistics, running-stat update, batch-renorm r/d, normalize.
+
+    running: (running_mean, running_var) — normalizes with them unless batch_stats, and is updated in
+    place when batch_stats and momentum is not None.  renorm: (rmax, dmax), training only.
+    """
+    backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
+                            running_mean=None if running is None else running[0],
+                            running_var=None if running is None else running[1])
+    if backend == "cuda":
+        raise RuntimeError("the CUDA backend is not available in this build")
+    cdtype = compute_dtype(x.dtype)
+    x3 = view.to3(x if x.dtype == cdtype else x.astype(cdtype))
+    ngroups = view.stats_shape[0] * view.stats_shape[1]
+    n = x.size // ngroups if ngroups else 0
+    if x.size == 0:   # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
+        return (view.empty(x.dtype) if out is None else out), None
+
+    if batch_stats:
+        pmean, pm2 = np.empty(view.parts), np.empty(view.parts)
+        mean, m2 = np.empty(view.stats_shape), np.empty(view.stats_shape)
+        _cpu.moments(x3.reshape(view.stats3), view.lane, view.cg, view.chunk, pmean, pm2, mean, m2)
+        var = m2 / n
+        if rms:           # mean(x²) = σ² + μ²: both terms ≥ 0, so no cancellation
+            var += mean * mean
+            mean[...] = 0.0
+    else:
+        mean = running[0].astype(np.float64).reshape(1, -1)
+        var = running[1].astype(np.float64).reshape(1, -1)
+    rstd = 1.0 / np.sqrt(var + eps)
+
+    k = d = None
+    if renorm is not None:
+        rmax, dmax = renorm     # r, d from the running stats *before* this step's update
+        k, d = renorm_rd.py_func(mean, 1.0 / rstd, running[0].astype(np.float64),
+                                 np.sqrt(running[1].astype(np.float64) + eps), rmax, dmax)
+    if batch_stats and running is not None and momentum is not None:
+        unbiased = var * (n / (n - 1))
+        for buf, new in zip(running, (mean, unbiased)):   # instance norm: averaged over the batch
+            buf[...] = running_update.py_func(buf.astype(np.float64), new.mean(axis=0), momentum)
+
+    if view.mode == _cpu.ROW:
+        w = _weight_vector(weight, view.channels)
+        b = np.zeros(view.channels) if bias is None else bias.astype(np.float64, copy=False).reshape(-1)
+        scale, shift = rstd, _ONE
+    else:
+        w = _weight_vector(weight, view.channels)
+        scale = _expand(view, rstd if k is None else rstd * k) * w
+        shift = 0.0 if d is None else _expand(view, d) * w
+        shift = shift + (0.0 if bias is None else bias.astype(np.float64, copy=False))
+        shift = np.ascontiguousarray(np.broadcast_to(shift, scale.shape))
+        b = _ONE[0]
+    mean_c = _expand(view, mean)
+
+    y = out if out is not None else view.empty(x.dtype)
+    y3 = view.view3(y) if y.dtype == cdtype else None
+    tmp = y3 is None
+    if tmp:
+        y3 = np.empty(view.shape3, cdtype)
+    _cpu.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
+    if tmp:
+        np.copyto(y, _from3(view, y3, y.shape), casting="unsafe")
+
+    ctx = Context()
+    ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
+    ctx.mean, ctx.rstd, ctx.k, ctx.d = mean, rstd, k, d
+    ctx.batch_stats, ctx.rms, ctx.weight, ctx.bias, ctx.w = batch_stats, rms, weight, bias, w
+    ctx.backend = backend
+    return y, ctx
+
+
+def _from3(view, a3, shape):
+    """Inverse of View.to3 for a kernel result: the input's shape and axis order (a view, no copy)."""
+    if view.move is None:
+        return a3.reshape(shape)
+    return np.moveaxis(a3.reshape(view.moved_shape), view.move, view.axis)
+
+
+def _backward(grad_output, ctx):
+    """The one backward: Σdy and Σdy·x̂ per coefficient (one pass), the algebra above, then dx (one pass)."""
+    if ctx is None:
+        raise ValueError("this forward had an empty input: there is nothing to differentiate")
+    check_input(grad_output, "grad_output")
+    if tuple(grad_output.shape) != tuple(ctx.shape):
+        raise ValueError(f"grad_output must have the input's shape {tuple(ctx.shape)}, got "
+                         f"{tuple(grad_output.shape)}")
+    _plan.backend(grad_output=grad_output, input=ctx.x3)
+    view, x3 = ctx.view, ctx.x3
+    dy3 = view.to3(grad_output.astype(x3.dtype, copy=False))
+    row = view.mode == _cpu.ROW
+    per_sample = ctx.batch_stats and view.per_sample and not row
+    X = view.channels
+    mean_c, rstd_c = _expand(view, ctx.mean), _expand(view, ctx.rstd)
+    pa, pb = np.empty(view.rparts), np.empty(view.rparts)
+    sum_dy = np.empty((view.stats_shape[0] if per_sample else 1, X))
+    sum_dyx = np.empty_like(sum_dy)
+    row_g = np.empty(view.stats_shape) if row else _ONE
+    row_gx = np.empty(view.stats_shape) if row else _ONE
+    _cpu.backward_reduce(dy3, x3, view.mode, view.rchunk, mean_c, rstd_c, ctx.w, pa, pb, sum_dy, sum_dyx,
+                         row_g, row_gx)
+
+    dbias = sum_dy.sum(axis=0)
+    dweight = sum_dyx.sum(axis=0)
+    if ctx.k is not None:         # batch renorm: x̂ = x̂_B·r + d
+        dweight = ctx.k[0] * dweight + ctx.d[0] * dbias
+
+    rstd = ctx.rstd
+    if ctx.batch_stats:
+        if row:
+            sg, sgx = row_g, row_gx
+        else:
+            G, cg = view.groups, view.group_size
+            sg = (sum_dy * ctx.w).reshape(-1, G, cg).sum(axis=2)
+            sgx = (sum_dyx * ctx.w).reshape(-1, G, cg).sum(axis=2)
+        kr = rstd if ctx.k is None else rstd * ctx.k
+        mg = 0.0 if ctx.rms else sg / ctx.n          # term 2: mean(g) (RMS norm has no mean to subtract)
+        B = -kr * rstd * (sgx / ctx.n)               # term 3: −k·rstd²·mean(g·x̂)
+        C = -kr * mg - ctx.mean * B
+    else:
+        kr, B, C = rstd, np.zeros_like(rstd), np.zeros_like(rstd)
+    if row:
+        A = kr
+    else:
+        A = _expand(view, kr) * ctx.w
+        B, C = _expand(view, B), _expand(view, C)
+
+    dx = view.empty(ctx.dtype)
+    dx3 = view.view3(dx) if dx.dtype == x3.dtype else None
+    tmp = dx3 is None
+    if tmp:
+        dx3 = np.empty(view.shape3, x3.dtype)
+    _cpu.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w, dx3)
+    if tmp:
+        np.copyto(dx, _from3(view, dx3, dx.shape), casting="unsafe")
+    return dx, _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
+
+
+def _param_grad(grad, param):
+    return None if param is None else grad.reshape(param.shape).astype(param.dtype)
+
+
+# ---------------------------------------------------------------- batch norm and batch renorm
+
+def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5, *, axis=1, out=None, num_batches_tracked=None):
+    """Batch norm over every axis but ``axis``; returns ``(y, ctx)`` for ``batch_norm_backward``.
+
+    y = (x − μ)/sqrt(σ² + eps)·weight + bias with batch statistics when training (or when no running
+    stats are given), running statistics otherwise; running stats are updated in place when training.
+    """
+    return _bn(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
+               num_batches_tracked, None)
+
+
+def batch_renorm_forward(input, running_mean, running_var, weight=None, bias=None, training=False,
+                         momentum=0.1, eps=1e-5, *, rmax=3.0, dmax=5.0, axis=1, out=None,
+                         num_batches_tracked=None):
+    """Batch renormalization (Ioffe 2017): x̂ = (x − μ_B)/σ_B·r + d, r and d clipped and held constant.
+
+    r = clip(σ_B/σ, 1/rmax, rmax), d = clip((μ_B − μ)/σ, −dmax, dmax) from the running stats before
+    this step's update.  Eval is batch norm eval.  Fused: no pass more than batch norm.
+    """
+    if not (isinstance(rmax, (int, float, np.floating)) and rmax >= 1):
+        raise ValueError(f"rmax must be a number >= 1, got {rmax!r}")
+    if not (isinstance(dmax, (int, float, np.floating)) and dmax >= 0):
+        raise ValueError(f"dmax must be a number >= 0, got {dmax!r}")
+    if training and running_mean is None:
+        raise ValueError("batch_renorm in training needs running_mean and running_var: r and d are "
+                         "measured against them")
+    return _bn(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
+               num_batches_tracked, (float(rmax), float(dmax)))
+
+
+def _bn(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
+        num_batches_tracked, renorm):
+    check_input(x)
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm needs input of at least 2 dimensions (N, C, …), got shape {x.shape}")
+    axis = normalize_axis(axis, x.ndim)
+    C = x.shape[axis]
+    training = bool(training)
+    update = training and running_mean is not None
+    check_running(running_mean, running_var, C, update)
+    check_param(weight, "weight", (C,))
+    check_param(bias, "bias", (C,))
+    eps = check_eps(eps, strict=training)
+    m = check_momentum(momentum, num_batches_tracked, update)
+    check_out(out, x, x.dtype)
+    if training and x.size and x.size // C <= 1:
+        raise per_channel_error(x.shape)
+    view = _plan.channel_view(x, axis, "batch")
+    batch_stats = training or running_mean is None
+    return _forward(view, x, weight, bias, eps, out=out, batch_stats=batch_stats,
+                    running=None if running_mean is None else (running_mean, running_var),
+                    momentum=m if update else None, renorm=renorm if training else None)
+
+
+def batch_norm_backward(grad_output, ctx):
+    """(dx, dweight, dbias) of ``batch_norm_forward``; training differentiates through the batch stats."""
+    return _backward(grad_output, ctx)
+
+
+batch_renorm_backward = batch_norm_backward
+
+
+# ---------------------------------------------------------------- instance norm and group norm
+
+def instance_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None,
+                          use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
+                          num_batches_tracked=None):
+    """Instance norm: per sample and channel over the spatial dims; PyTorch's running-stat averaging."""
+    check_input(input)
+    if input.ndim < 3:
+        raise ValueError(f"instance_norm needs input of at least 3 dimensions (N, C, spatial…), got shape "
+                         f"{input.shape}")
+    axis = normalize_axis(axis, input.ndim)
+    C = input.shape[axis]
+    update = bool(use_input_stats) and running_mean is not None
+    check_running(running_mean, running_var, C, update)
+    if not use_input_stats and running_mean is None:
+        raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
+    check_param(weight, "weight", (C,))
+    check_param(bias, "bias", (C,))
+    eps = check_eps(eps, strict=False)
+    m = check_momentum(momentum, num_batches_tracked, update)
+    check_out(out, input, input.dtype)
+    if use_input_stats and input.size and input.size // (input.shape[0] * C) <= 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size "
+                         f"{tuple(input.shape)}")
+    view = _plan.channel_view(input, axis, "instance")
+    return _forward(view, input, weight, bias, eps, out=out, batch_stats=bool(use_input_stats),
+                    running=None if running_mean is None else (running_mean, running_var),
+                    momentum=m if update else None)
+
+
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
+    """Group norm: per sample over C/num_groups channels × spatial."""
+    check_input(input)
+    if input.ndim < 2:
+        raise ValueError(f"group_norm needs input of at least 2 dimensions (N, C, …), got shape {input.shape}")
+    axis = normalize_axis(axis, input.ndim)
+    C = input.shape[axis]
+    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError(f"Expected number of channels in input to be divisible by num_groups, but got "
+                         f"input of shape {list(input.shape)} and num_groups={num_groups}")
+    check_param(weight, "weight", (C,))
+    check_param(bias, "bias", (C,))
+    eps = check_eps(eps, strict=False)
+    check_out(out, input, input.dtype)
+    view = _plan.channel_view(input, axis, "group", int(num_groups))
+    return _forward(view, input, weight, bias, eps, out=out, batch_stats=True)
+
+
+def instance_norm_backward(grad_output, ctx):
+    return _backward(grad_output, ctx)
+
+
+group_norm_backward = instance_norm_backward
+
+
+# ---------------------------------------------------------------- layer norm and RMS norm
+
+def _normalized(input, normalized_shape):
+    check_input(input)
+    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    if not shape or any(not isinstance(s, (int, np.integer)) for s in shape):
+        raise TypeError(f"normalized_shape must be an int or a non-empty tuple of ints, got {normalized_shape!r}")
+    if input.ndim < len(shape) or tuple(input.shape[input.ndim - len(shape):]) != shape:
+        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape [*, "
+                         f"{', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
+    return shape
+
+
+def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer norm over the trailing ``normalized_shape`` dims; weight/bias of that shape."""
+    shape = _normalized(input, normalized_shape)
+    check_param(weight, "weight", shape)
+    check_param(bias, "bias", shape)
+    eps = check_eps(eps, strict=False)
+    check_out(out, input, input.dtype)
+    view = _plan.row_view(input, len(shape))
+    return _forward(view, input, weight, bias, eps, out=out, batch_stats=True)
+
+
+def rms_norm_forward(input, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMS norm: y = x / sqrt(mean(x²) + eps)·weight; eps=None → machine epsilon of the input dtype."""
+    shape = _normalized(input, normalized_shape)
+    check_param(weight, "weight", shape)
+    eps = float(np.finfo(input.dtype).eps) if eps is None else check_eps(eps, strict=False)
+    check_out(out, input, input.dtype)
+    view = _plan.row_view(input, len(shape))
+    return _forward(view, input, weight, None, eps, out=out, batch_stats=True, rms=True)
+
+
+def layer_norm_backward(grad_output, ctx):
+    return _backward(grad_output, ctx)
+
+
+rms_norm_backward = layer_norm_backward
+
+
+# ---------------------------------------------------------------- y-only forms
+
+def _first(forward):
+    def op(*args, **kwargs):
+        return forward(*args, **kwargs)[0]
+    op.__name__ = op.__qualname__ = forward.__name__.replace("_forward", "")
+    op.__doc__ = (forward.__doc__ or "") + f"\n\nReturns y only; ``{forward.__name__}`` also returns the context."
+    return op
+
+
+batch_norm = _first(batch_norm_forward)
+batch_renorm = _first(batch_renorm_forward)
+instance_norm = _first(instance_norm_forward)
+group_norm = _first(group_norm_forward)
+layer_norm = _first(layer_norm_forward)
+rms_norm = _first(rms_norm_forward)
