@@ -11,6 +11,7 @@ from .functional import (  # noqa: F401
     batch_renorm, batch_renorm_backward, batch_renorm_forward,
     group_norm, group_norm_backward, group_norm_forward,
     instance_norm, instance_norm_backward, instance_norm_forward,
+    Moments, moments,
     layer_norm, layer_norm_backward, layer_norm_forward,
     rms_norm, rms_norm_backward, rms_norm_forward,
 )

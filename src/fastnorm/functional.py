@@ -13,7 +13,9 @@ coefficient algebra once, on per-group arrays of a few thousand numbers — neve
 import numpy as np
 
 from . import _cpu, _plan
-from ._math import renorm_rd, running_update
+from typing import NamedTuple
+
+from ._math import merge_into, renorm_rd, running_update
 from ._plan import (check_eps, check_input, check_momentum, check_out, check_param, check_running,
                     compute_dtype, normalize_axis, per_channel_error)
 
@@ -24,6 +26,7 @@ __all__ = [
     "group_norm", "group_norm_forward", "group_norm_backward",
     "layer_norm", "layer_norm_forward", "layer_norm_backward",
     "rms_norm", "rms_norm_forward", "rms_norm_backward",
+    "moments", "Moments",
 ]
 
 _ONE = np.ones((1, 1))      # placeholder for kernel arguments a mode does not read
@@ -33,7 +36,7 @@ class Context:
     """What a forward saves for its backward.  Treat as opaque; ``x`` is referenced, not copied."""
 
     __slots__ = ("view", "x3", "shape", "dtype", "n", "mean", "rstd", "k", "d", "batch_stats", "rms",
-                 "weight", "bias", "w", "backend")
+                 "weight", "bias", "w", "backend", "sync")
 
 
 # ---------------------------------------------------------------- shared engine
@@ -51,11 +54,13 @@ def _weight_vector(weight, length):
 
 
 def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, momentum=None,
-             renorm=None, rms=False):
+             renorm=None, rms=False, sync=None):
     """The one forward: statistics, running-stat update, batch-renorm r/d, normalize.
 
     running: (running_mean, running_var) — normalizes with them unless batch_stats, and is updated in
     place when batch_stats and momentum is not None.  renorm: (rmax, dmax), training only.
+    sync: an object whose ``stats(count, mean, m2)`` returns the statistics of the global batch and
+    whose ``sums(sum_dy, sum_dyx)`` does the same for backward (``fastnorm.distributed``); None = local.
     """
     backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
                             running_mean=None if running is None else running[0],
@@ -66,13 +71,13 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     x3 = view.to3(x if x.dtype == cdtype else x.astype(cdtype))
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
-    if x.size == 0:   # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
-        return (view.empty(x.dtype) if out is None else out), None
 
     if batch_stats:
-        pmean, pm2 = np.empty(view.parts), np.empty(view.parts)
-        mean, m2 = np.empty(view.stats_shape), np.empty(view.stats_shape)
-        _cpu.moments(x3.reshape(view.stats3), view.lane, view.cg, view.chunk, pmean, pm2, mean, m2)
+        mean, m2 = _moments(view, x3)
+        if sync is not None:
+            n, mean, m2 = sync.stats(n, mean, m2)
+        if n == 0:    # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
+            return (view.empty(x.dtype) if out is None else out), _empty_context(view, x, sync)
         var = m2 / n
         if rms:           # mean(x²) = σ² + μ²: both terms ≥ 0, so no cancellation
             var += mean * mean
@@ -106,20 +111,37 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     mean_c = _expand(view, mean)
 
     y = out if out is not None else view.empty(x.dtype)
-    y3 = view.view3(y) if y.dtype == cdtype else None
-    tmp = y3 is None
-    if tmp:
-        y3 = np.empty(view.shape3, cdtype)
-    _cpu.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
-    if tmp:
-        np.copyto(y, _from3(view, y3, y.shape), casting="unsafe")
+    if x.size:
+        y3 = view.view3(y) if y.dtype == cdtype else None
+        tmp = y3 is None
+        if tmp:
+            y3 = np.empty(view.shape3, cdtype)
+        _cpu.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
+        if tmp:
+            np.copyto(y, _from3(view, y3, y.shape), casting="unsafe")
 
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
     ctx.mean, ctx.rstd, ctx.k, ctx.d = mean, rstd, k, d
     ctx.batch_stats, ctx.rms, ctx.weight, ctx.bias, ctx.w = batch_stats, rms, weight, bias, w
-    ctx.backend = backend
+    ctx.backend, ctx.sync = backend, sync
     return y, ctx
+
+
+def _empty_context(view, x, sync):
+    """A context for a batch with no elements anywhere: its backward returns empty/zero gradients."""
+    ctx = Context()
+    ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n, ctx.sync = view, None, x.shape, x.dtype, 0, sync
+    return ctx
+
+
+def _moments(view, x3):
+    """Per-group (mean, M2), float64 arrays of ``view.stats_shape``; zeros for an empty input."""
+    mean, m2 = np.zeros(view.stats_shape), np.zeros(view.stats_shape)
+    if x3.size:
+        pmean, pm2 = np.empty(view.parts), np.empty(view.parts)
+        _cpu.moments(x3.reshape(view.stats3), view.lane, view.cg, view.chunk, pmean, pm2, mean, m2)
+    return mean, m2
 
 
 def _from3(view, a3, shape):
@@ -131,26 +153,31 @@ def _from3(view, a3, shape):
 
 def _backward(grad_output, ctx):
     """The one backward: Σdy and Σdy·x̂ per coefficient (one pass), the algebra above, then dx (one pass)."""
-    if ctx is None:
-        raise ValueError("this forward had an empty input: there is nothing to differentiate")
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be the context returned by the matching _forward, got {type(ctx).__name__}")
     check_input(grad_output, "grad_output")
     if tuple(grad_output.shape) != tuple(ctx.shape):
         raise ValueError(f"grad_output must have the input's shape {tuple(ctx.shape)}, got "
                          f"{tuple(grad_output.shape)}")
-    _plan.backend(grad_output=grad_output, input=ctx.x3)
     view, x3 = ctx.view, ctx.x3
+    if ctx.n == 0:   # the whole (global) batch was empty
+        return view.empty(ctx.dtype), None, None
+    _plan.backend(grad_output=grad_output, input=x3)
     dy3 = view.to3(grad_output.astype(x3.dtype, copy=False))
     row = view.mode == _cpu.ROW
     per_sample = ctx.batch_stats and view.per_sample and not row
     X = view.channels
     mean_c, rstd_c = _expand(view, ctx.mean), _expand(view, ctx.rstd)
-    pa, pb = np.empty(view.rparts), np.empty(view.rparts)
-    sum_dy = np.empty((view.stats_shape[0] if per_sample else 1, X))
-    sum_dyx = np.empty_like(sum_dy)
+    sum_dy = np.zeros((view.stats_shape[0] if per_sample else 1, X))
+    sum_dyx = np.zeros_like(sum_dy)
     row_g = np.empty(view.stats_shape) if row else _ONE
     row_gx = np.empty(view.stats_shape) if row else _ONE
-    _cpu.backward_reduce(dy3, x3, view.mode, view.rchunk, mean_c, rstd_c, ctx.w, pa, pb, sum_dy, sum_dyx,
-                         row_g, row_gx)
+    if x3.size:
+        pa, pb = np.empty(view.rparts), np.empty(view.rparts)
+        _cpu.backward_reduce(dy3, x3, view.mode, view.rchunk, mean_c, rstd_c, ctx.w, pa, pb, sum_dy, sum_dyx,
+                             row_g, row_gx)
+    if ctx.sync is not None:
+        sum_dy, sum_dyx = ctx.sync.sums(sum_dy, sum_dyx)
 
     dbias = sum_dy.sum(axis=0)
     dweight = sum_dyx.sum(axis=0)
@@ -178,13 +205,15 @@ def _backward(grad_output, ctx):
         B, C = _expand(view, B), _expand(view, C)
 
     dx = view.empty(ctx.dtype)
-    dx3 = view.view3(dx) if dx.dtype == x3.dtype else None
-    tmp = dx3 is None
-    if tmp:
-        dx3 = np.empty(view.shape3, x3.dtype)
-    _cpu.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w, dx3)
-    if tmp:
-        np.copyto(dx, _from3(view, dx3, dx.shape), casting="unsafe")
+    if x3.size:
+        dx3 = view.view3(dx) if dx.dtype == x3.dtype else None
+        tmp = dx3 is None
+        if tmp:
+            dx3 = np.empty(view.shape3, x3.dtype)
+        _cpu.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w,
+                            dx3)
+        if tmp:
+            np.copyto(dx, _from3(view, dx3, dx.shape), casting="unsafe")
     return dx, _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
 
 
@@ -225,7 +254,9 @@ def batch_renorm_forward(input, running_mean, running_var, weight=None, bias=Non
 
 
 def _bn(x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out,
-        num_batches_tracked, renorm):
+        num_batches_tracked, renorm, sync=None):
+    """Validate and run batch norm / renorm.  With ``sync`` (SyncBatchNorm) the statistics are the
+    global batch's, so the one-value-per-channel check is the caller's, on the global count."""
     check_input(x)
     if x.ndim < 2:
         raise ValueError(f"batch_norm needs input of at least 2 dimensions (N, C, …), got shape {x.shape}")
@@ -239,13 +270,13 @@ def _bn(x, running_mean, running_var, weight, bias, training, momentum, eps, axi
     eps = check_eps(eps, strict=training)
     m = check_momentum(momentum, num_batches_tracked, update)
     check_out(out, x, x.dtype)
-    if training and x.size and x.size // C <= 1:
+    if training and sync is None and x.size and x.size // C <= 1:
         raise per_channel_error(x.shape)
     view = _plan.channel_view(x, axis, "batch")
     batch_stats = training or running_mean is None
     return _forward(view, x, weight, bias, eps, out=out, batch_stats=batch_stats,
                     running=None if running_mean is None else (running_mean, running_var),
-                    momentum=m if update else None, renorm=renorm if training else None)
+                    momentum=m if update else None, renorm=renorm if training else None, sync=sync)
 
 
 def batch_norm_backward(grad_output, ctx):
@@ -370,3 +401,43 @@ instance_norm = _first(instance_norm_forward)
 group_norm = _first(group_norm_forward)
 layer_norm = _first(layer_norm_forward)
 rms_norm = _first(rms_norm_forward)
+
+
+# ---------------------------------------------------------------- mergeable moments
+
+class Moments(NamedTuple):
+    """Per-channel statistics of a set of samples: ``count`` values each, their ``mean`` and
+    ``m2`` = Σ(x − mean)², float64 arrays of length C.  Mergeable exactly (Chan et al.)."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @staticmethod
+    def merge(first, *others):
+        """Moments of the union: Chan's pairwise merge, left to right (exact to rounding)."""
+        n, mean, m2 = first
+        for part in others:
+            if np.shape(part.mean) != np.shape(mean):
+                raise ValueError(f"cannot merge moments of shapes {np.shape(mean)} and {np.shape(part.mean)}")
+            n, mean, m2 = merge_into.py_func(n, mean, m2, part.count, part.mean, part.m2)
+        return Moments(int(n), np.asarray(mean, np.float64), np.asarray(m2, np.float64))
+
+    def var(self, ddof=0):
+        """m2 / (count − ddof): ddof=0 the biased (population) variance, ddof=1 the unbiased one."""
+        return self.m2 / (self.count - ddof)
+
+    def std(self, ddof=0):
+        return np.sqrt(self.var(ddof))
+
+
+def moments(input, axis=1):
+    """Per-channel ``Moments`` over every axis but ``axis`` (batch norm's groups), in float64."""
+    check_input(input)
+    if input.ndim < 2:
+        raise ValueError(f"moments needs input of at least 2 dimensions (N, C, …), got shape {input.shape}")
+    axis = normalize_axis(axis, input.ndim)
+    view = _plan.channel_view(input, axis, "batch")
+    cdtype = compute_dtype(input.dtype)
+    mean, m2 = _moments(view, view.to3(input.astype(cdtype, copy=False)))
+    return Moments(input.size // input.shape[axis] if input.shape[axis] else 0, mean[0], m2[0])
