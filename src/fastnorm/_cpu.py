@@ -18,6 +18,8 @@ serially in a fixed order.  ``NUMBA_NUM_THREADS=1`` and ``=2`` therefore give bi
 
 Kernels never allocate and never validate: ``_plan.py`` does both, once.
 """
+import types
+
 from numba import njit, prange
 
 from ._math import merge_into
@@ -30,7 +32,31 @@ _JIT = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contrac
 
 LANE, COLUMN, ROW = 0, 1, 2
 
+# Below this many elements a kernel runs on the calling thread, compiled without prange: waking the
+# pool costs ~5 µs on an idle machine and 20 µs to 1 ms on a busy one, and even a one-thread parallel
+# region costs ~3 µs per prange loop (measured on 2 cores, (4, 8, 8, 8) float32: 155 µs parallel vs
+# 11 µs one-thread parallel on a loaded machine).  Same source, same chunks, same merge order; the path
+# depends only on the size, so a given input always takes the same one (bitwise reproducible).
+SERIAL_BELOW = 1 << 15
 
+
+def _serial_if_small(parallel):
+    """Wrap a parallel kernel with a serial build of the same Python function (its own cache file)."""
+    f = parallel.py_func
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"       # numba names the cache file after the qualname
+    g.__doc__ = f.__doc__
+    serial = njit(**dict(_JIT, parallel=False))(g)
+
+    def launch(a3, *args):
+        return (parallel if a3.size >= SERIAL_BELOW else serial)(a3, *args)
+    launch.__name__ = launch.__qualname__ = f.__name__
+    launch.__doc__ = f.__doc__
+    launch.parallel, launch.serial = parallel, serial    # the Numba dispatchers (signatures, inspect_asm)
+    return launch
+
+
+@_serial_if_small
 @njit(**_JIT)
 def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
     """Per-group mean and M2 = Σ(x − mean)², accumulated in float64.
@@ -102,6 +128,7 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
         m2[pm, g] = M2
 
 
+@_serial_if_small
 @njit(**_JIT)
 def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
     """y = (x − mean)·scale + shift in float64, rounded once to y's dtype.
@@ -137,6 +164,7 @@ def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
                 o[l] = (v[l] - m0) * s0 * weight[l] + bias[l]
 
 
+@_serial_if_small
 @njit(**_JIT)
 def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, row_g, row_gx):
     """Σ dy and Σ dy·x̂ (x̂ = (x − mean)·rstd) per coefficient, in float64 — the two sums every backward needs.
@@ -221,6 +249,7 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
         sum_dyx[pc, j] = s2
 
 
+@_serial_if_small
 @njit(**_JIT)
 def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
     """dx = dy·A + x·B + C in float64 — the input gradient of every norm, with coefficients from the plan.

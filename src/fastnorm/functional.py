@@ -95,7 +95,8 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     if batch_stats and running is not None and momentum is not None:
         unbiased = var * (n / (n - 1))
         for buf, new in zip(running, (mean, unbiased)):   # instance norm: averaged over the batch
-            buf[...] = running_update.py_func(buf.astype(np.float64), new.mean(axis=0), momentum)
+            new = new[0] if new.shape[0] == 1 else new.mean(axis=0)
+            buf[...] = running_update.py_func(buf.astype(np.float64), new, momentum)
 
     if view.mode == _cpu.ROW:
         w = _weight_vector(weight, view.channels)
@@ -104,9 +105,9 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     else:
         w = _weight_vector(weight, view.channels)
         scale = _expand(view, rstd if k is None else rstd * k) * w
-        shift = 0.0 if d is None else _expand(view, d) * w
-        shift = shift + (0.0 if bias is None else bias.astype(np.float64, copy=False))
-        shift = np.ascontiguousarray(np.broadcast_to(shift, scale.shape))
+        shift = np.zeros_like(scale) if d is None else _expand(view, d) * w
+        if bias is not None:
+            shift += bias
         b = _ONE[0]
     mean_c = _expand(view, mean)
 
@@ -118,7 +119,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
             y3 = np.empty(view.shape3, cdtype)
         _cpu.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
         if tmp:
-            np.copyto(y, _from3(view, y3, y.shape), casting="unsafe")
+            np.copyto(y, view.from3(y3), casting="unsafe")
 
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
@@ -142,13 +143,6 @@ def _moments(view, x3):
         pmean, pm2 = np.empty(view.parts), np.empty(view.parts)
         _cpu.moments(x3.reshape(view.stats3), view.lane, view.cg, view.chunk, pmean, pm2, mean, m2)
     return mean, m2
-
-
-def _from3(view, a3, shape):
-    """Inverse of View.to3 for a kernel result: the input's shape and axis order (a view, no copy)."""
-    if view.move is None:
-        return a3.reshape(shape)
-    return np.moveaxis(a3.reshape(view.moved_shape), view.move, view.axis)
 
 
 def _backward(grad_output, ctx):
@@ -213,7 +207,7 @@ def _backward(grad_output, ctx):
         _cpu.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w,
                             dx3)
         if tmp:
-            np.copyto(dx, _from3(view, dx3, dx.shape), casting="unsafe")
+            np.copyto(dx, view.from3(dx3), casting="unsafe")
     return dx, _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
 
 
