@@ -15,3 +15,4 @@ from .functional import (  # noqa: F401
     layer_norm, layer_norm_backward, layer_norm_forward,
     rms_norm, rms_norm_backward, rms_norm_forward,
 )
+from .layers import BatchNorm, BatchRenorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm  # noqa: F401
