@@ -46,9 +46,10 @@ def _grouped_backward(dy, xhat, rstd, weight, group_axes, batch_stats, k=1.0):
     return k * rstd * (term1 - term2 - term3)
 
 
-def _channel_param(p, ndim):
-    """Weight/bias of length C → broadcastable against the channels-first (N, C, spatial…) array."""
-    return 1.0 if p is None else _f64(p).reshape((1, -1) + (1,) * (ndim - 2))
+def _channel_param(p, ndim, default):
+    """Weight/bias of length C → broadcastable against the channels-first (N, C, spatial…) array;
+    None → ``default`` (1 for weight, 0 for bias)."""
+    return default if p is None else _f64(p).reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def _param_grad(grad, like):
@@ -74,7 +75,7 @@ def _bn_forward(input, running_mean, running_var, weight, bias, training, moment
                 num_batches_tracked, renorm):
     x = _channels_to_1(_f64(input), axis)
     axes = (0,) + tuple(range(2, x.ndim))
-    w, b = _channel_param(weight, x.ndim), _channel_param(bias, x.ndim)
+    w, b = _channel_param(weight, x.ndim, 1.0), _channel_param(bias, x.ndim, 0.0)
     batch_stats = training or running_mean is None
     if batch_stats:
         y, xhat, mean, var, rstd = _grouped_forward(x, axes, eps, w, b)
@@ -119,7 +120,7 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
                           num_batches_tracked=None):
     x = _channels_to_1(_f64(input), axis)
     axes = tuple(range(2, x.ndim))
-    w, b = _channel_param(weight, x.ndim), _channel_param(bias, x.ndim)
+    w, b = _channel_param(weight, x.ndim, 1.0), _channel_param(bias, x.ndim, 0.0)
     if use_input_stats:
         y, xhat, mean, var, rstd = _grouped_forward(x, axes, eps, w, b)
         if running_mean is not None:
@@ -143,7 +144,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, a
     xg = x.reshape((N, num_groups, C // num_groups) + x.shape[2:])     # (N, G, C/G, spatial…)
     axes = tuple(range(2, xg.ndim))
     _, xhat, _, _, rstd = _grouped_forward(xg, axes, eps, 1.0, 0.0)
-    w, b = _channel_param(weight, x.ndim), _channel_param(bias, x.ndim)
+    w, b = _channel_param(weight, x.ndim, 1.0), _channel_param(bias, x.ndim, 0.0)
     xhat_c = xhat.reshape(x.shape)
     ctx = dict(x=x, xhat=xhat, rstd=rstd, w=w, axes=axes, batch_stats=True, axis=axis, groups=num_groups,
                weight=weight, bias=bias, dtype=np.asarray(input).dtype)

@@ -1,0 +1,208 @@
+"""Numerics (semantics.md): accuracy at an offset, NaN/inf confinement, bitwise thread-count
+determinism, and concurrent calls from Python threads."""
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import pytest
+
+import fastnorm
+from fastnorm import _cpu, _plan, reference
+from cases import (OFFSET, OFFSET_TOL, OPS, chunky_calls, arrange, assert_bitwise, assert_close,
+                   determinism_outputs, group_index, make_call)
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------- offset 1e6
+
+def _offset_params():
+    for op, spec in OPS.items():
+        for mode in spec.modes:
+            layouts = ("first", "last") if spec.kind == "channel" else ("first",)
+            for layout in layouts:
+                for shape in ((4, 6, 9), "chunky"):
+                    size = shape if shape == "chunky" else "small"
+                    yield pytest.param(op, mode, layout, shape, id=f"{op}-{mode}-{layout}-{size}")
+
+
+@pytest.mark.parametrize("op, mode, layout, shape", list(_offset_params()))
+def test_float32_at_offset_1e6(op, mode, layout, shape, rng):
+    """float32 input 1e6 + N(0, 1): y within 1e-5 of the float64 reference on the same values (PyTorch
+    is off by 3.5e-2 there).  Running stats sit at the offset too.  rms_norm at an offset is trivial
+    (y ≈ weight) but is held to the same bound."""
+    if shape == "chunky":     # several reduction chunks per group
+        shape = (2, 6, _plan.CHUNK // 3 + 5) if OPS[op].kind == "channel" else (3, 2 * _plan.CHUNK + 5)
+    v = (OFFSET + rng.standard_normal(shape)).astype(np.float32)
+    x, axis = arrange(v, layout)
+    if OPS[op].kind == "row":
+        call = make_call(op, x, rng=rng)
+    else:
+        call = make_call(op, x, axis=axis, mode=mode, rng=rng, groups=3 if op == "group_norm" else None)
+        if call.kwargs.get("running_mean") is not None:
+            call.kwargs["running_mean"] = call.kwargs["running_mean"] + np.float32(OFFSET)
+    y, ctx, _ = call.forward(fastnorm)
+    y_ref, ctx_ref, _ = call.forward(reference, input=x.astype(np.float64))
+    assert y.dtype == np.float32
+    assert_close(y, y_ref, tol=OFFSET_TOL, what="y at offset 1e6")
+    # the gradient is held to the same bound (dx is O(1) like y)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = call.backward(fastnorm, dy, ctx)[0]
+    dx_ref = call.backward(reference, dy.astype(np.float64), ctx_ref)[0]
+    assert_close(dx, dx_ref, tol=OFFSET_TOL, what="dx at offset 1e6")
+
+
+# ---------------------------------------------------------------- NaN / inf stay in their group
+
+def _nonfinite_params():
+    for op, spec in OPS.items():
+        for layout in (("first", "last", "last_view") if spec.kind == "channel" else ("first", "fortran")):
+            for bad in ("nan", "inf", "-inf"):
+                yield pytest.param(op, layout, bad, id=f"{op}-{layout}-{bad}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the reference computes inf − inf
+@pytest.mark.parametrize("op, layout, bad", list(_nonfinite_params()))
+def test_nonfinite_poisons_only_its_group(op, layout, bad, rng):
+    """semantics.md: NaN or inf in a group makes that group's outputs NaN (as PyTorch); the other groups
+    are finite and correct — y, dx, the running stats and the weight gradients of untouched channels."""
+    v = rng.standard_normal((3, 6, 5, 2)).astype(np.float32)
+    x, axis = arrange(v, layout)
+    groups = 3 if op == "group_norm" else None
+    if OPS[op].kind == "row":
+        call = make_call(op, x, rng=rng, nshape=2)
+        gid = group_index(op, x, None, nshape=2)
+    else:
+        call = make_call(op, x, axis=axis, mode="train", rng=rng, groups=groups)
+        gid = group_index(op, x, axis, groups)
+    idx = tuple(int(rng.integers(0, n)) for n in x.shape)
+    x[idx] = float(bad)
+    inside = gid == gid[idx]
+
+    y, ctx, kw = call.forward(fastnorm)
+    y_ref, ctx_ref, kw_ref = call.forward(reference)
+    assert np.isnan(y[inside]).all(), "the group holding the non-finite value must be all NaN"
+    assert np.isfinite(y[~inside]).all()
+    assert_close(y[~inside], y_ref[~inside], what="y outside the group")
+
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, dweight, _ = call.backward(fastnorm, dy, ctx)
+    dx_ref, dweight_ref, _ = call.backward(reference, dy, ctx_ref)
+    assert np.isnan(dx[inside]).all()
+    assert np.isfinite(dx[~inside]).all()
+    assert_close(dx[~inside], dx_ref[~inside], what="dx outside the group")
+
+    if OPS[op].kind == "channel":
+        C = x.shape[axis]
+        channel = np.broadcast_to(np.arange(C).reshape([C if i == axis % x.ndim else 1 for i in range(x.ndim)]),
+                                  x.shape)
+        touched = np.unique(channel[inside])
+        clean = np.setdiff1d(np.arange(x.shape[axis]), touched)
+        assert np.isnan(dweight[touched]).all()
+        assert_close(dweight[clean], dweight_ref[clean], what="dweight of clean channels")
+        for k in ("running_mean", "running_var"):
+            if kw.get(k) is not None:
+                # non-finite, not necessarily NaN: with +inf, PyTorch's running_mean becomes inf
+                assert not np.isfinite(kw[k][touched]).any()
+                assert_close(kw[k][clean], kw_ref[k][clean], what=k)
+
+
+def test_nan_in_eval_stays_in_its_element(rng):
+    """With running stats (eval) there is no reduction: only the NaN element itself is NaN."""
+    x = rng.standard_normal((4, 3, 5))
+    x[1, 2, 3] = np.nan
+    call = make_call("batch_norm", x, mode="eval", rng=rng)
+    y = call.forward(fastnorm)[0]
+    assert np.isnan(y[1, 2, 3]) and np.isnan(y).sum() == 1
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("op", ["instance_norm", "group_norm", "layer_norm"])
+def test_eps_zero_constant_group_is_nan(op, rng):
+    """eps = 0 is allowed there; a constant group then gives 0/0 = NaN (as PyTorch), only in that group."""
+    x = rng.standard_normal((3, 4, 6))
+    x[1, :, :] = 2.5          # sample 1: every instance/group/row is constant
+    kw = dict(groups=2) if op == "group_norm" else {}
+    call = make_call(op, x, rng=rng, eps=0.0, nshape=2, **kw)
+    y = call.forward(fastnorm)[0]
+    assert np.isnan(y[1]).all()
+    assert np.isfinite(y[[0, 2]]).all()
+    assert_close(y[[0, 2]], call.forward(reference)[0][[0, 2]])
+
+
+# ---------------------------------------------------------------- thread-count determinism
+
+def test_thread_count_determinism(tmp_path):
+    """Outputs and gradients of every op, both layouts, float32 and float64, on inputs of several
+    CHUNKs: bitwise equal in this process and in a subprocess with another NUMBA_NUM_THREADS."""
+    here = numba.get_num_threads()
+    other = 1 if here > 1 else 2
+    for _, call in chunky_calls(np.float32):
+        assert call.x.size > 2 * _plan.CHUNK         # several chunks per reduction
+    expected = determinism_outputs()                 # compiles (or loads) here, first: the child loads the cache
+    path = tmp_path / "child.npz"
+    script = (f"import sys, numba; sys.path.insert(0, {TESTS_DIR!r}); import cases; "
+              f"cases.save_determinism_outputs({str(path)!r}); print(numba.get_num_threads())")
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(other))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == other
+    got = np.load(path)
+    assert sorted(got.files) == sorted(expected)
+    for key in expected:
+        assert_bitwise(got[key], expected[key], what=f"{key} ({here} vs {other} threads)")
+
+
+# ---------------------------------------------------------------- concurrent calls
+
+def _jobs():
+    rng = np.random.default_rng(11)
+    jobs = []
+    for dtype in (np.float32, np.float64):
+        for op in OPS:
+            layout = "last" if op in ("batch_norm", "group_norm") else "first"
+            v = rng.standard_normal((8, 6, 40, 40)).astype(dtype) + 1.0      # parallel path: see below
+            x, axis = arrange(v, layout)
+            if OPS[op].kind == "row":
+                call = make_call(op, x, rng=rng, nshape=2)
+            else:
+                call = make_call(op, x, axis=axis, mode="train", rng=rng, groups=3 if op == "group_norm" else None)
+            jobs.append((call, rng.standard_normal(x.shape).astype(dtype)))
+    return jobs
+
+
+def _run(job, module=fastnorm):
+    call, dy = job
+    y, ctx, kw = call.forward(module)
+    grads = call.backward(module, dy, ctx)
+    running = tuple(kw[k] for k in ("running_mean", "running_var") if kw.get(k) is not None)
+    return (y,) + tuple(g for g in grads if g is not None) + running
+
+
+def test_concurrent_calls_from_python_threads():
+    """4 Python threads × 50 calls at once (forward + backward, running-stat updates on private copies):
+    every result is correct, and bitwise equal to the same call made alone."""
+    jobs = _jobs()
+    for call, _ in jobs:    # big enough for the parallel kernels (smaller inputs run serial builds)
+        assert call.x.size >= max(getattr(_cpu, "SERIAL_BELOW", 0), 2 * _plan.CHUNK)
+    alone = [_run(job) for job in jobs]
+    for job, result in zip(jobs, alone):
+        for a, e in zip(result, _run(job, reference)):
+            assert_close(a, e)
+    barrier = threading.Barrier(4)
+
+    def worker(t):
+        barrier.wait()
+        return [(j, _run(jobs[j])) for j in ((t * 7 + i) % len(jobs) for i in range(50))]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = [r for rs in pool.map(worker, range(4)) for r in rs]
+    assert len(results) == 200
+    for j, result in results:
+        assert len(result) == len(alone[j])
+        for a, e in zip(result, alone[j]):
+            assert_bitwise(a, e, what=f"job {j}")

@@ -1,0 +1,104 @@
+"""Packaging: ``python -m fastnorm --version``; importing compiles nothing and does not import numba.cuda;
+two processes starting at once on a cold cache both work.
+
+(First-call latency from a warm cache — ≤ 0.5 s including import — is a benchmark, not a test: it is
+not timed here.)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import fastnorm
+from cases import ROUNDING, assert_close
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _python(code, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_version_from_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "fastnorm", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert fastnorm.__version__ in proc.stdout
+    assert fastnorm.__version__.count(".") >= 1
+
+
+IMPORT_PROBE = """
+import gc, json, sys
+import numba.core.dispatcher
+import fastnorm
+dispatchers = {}
+for obj in gc.get_objects():     # every Numba dispatcher of fastnorm, wherever it is kept
+    if isinstance(obj, numba.core.dispatcher.Dispatcher) and obj.py_func.__module__.startswith("fastnorm"):
+        dispatchers[f"{obj.py_func.__module__}.{obj.py_func.__qualname__}"] = len(obj.signatures)
+print(json.dumps({"cuda": sorted(m for m in sys.modules if m == "numba.cuda" or m.startswith("numba.cuda.")),
+                  "dispatchers": dispatchers,
+                  "public": sorted(n for n in dir(fastnorm) if not n.startswith("_"))}))
+"""
+
+
+def test_import_compiles_nothing_and_skips_cuda():
+    report = json.loads(_python(IMPORT_PROBE).strip().splitlines()[-1])
+    assert report["cuda"] == [], "importing fastnorm imported numba.cuda"
+    kernels = set(report["dispatchers"])
+    assert {"fastnorm._cpu.moments", "fastnorm._cpu.normalize", "fastnorm._cpu.backward_reduce",
+            "fastnorm._cpu.backward_apply"} <= kernels, report["dispatchers"]
+    compiled = {k: v for k, v in report["dispatchers"].items() if v}
+    assert compiled == {}, f"compiled at import: {compiled}"
+    for name in ("batch_norm", "batch_renorm", "instance_norm", "group_norm", "layer_norm", "rms_norm"):
+        for suffix in ("", "_forward", "_backward"):
+            assert name + suffix in report["public"]
+    assert {"moments", "Moments"} <= set(report["public"])
+
+
+COLD_START = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import fastnorm
+from fastnorm import reference
+rng = np.random.default_rng(5)
+x = rng.standard_normal((6, 4, 1500))     # 36000 elements: batch norm runs the parallel kernels
+rm, rv = np.zeros(4), np.ones(4)
+rm_ref, rv_ref = rm.copy(), rv.copy()
+y = fastnorm.batch_norm(x, rm, rv, training=True)
+w = rng.standard_normal(33)
+small = x[:, :, :33]                      # layer norm of a small input: the serial builds
+np.savez({out!r}, y=y, y_ref=reference.batch_norm(x, rm_ref, rv_ref, training=True, bias=np.zeros(4)),
+         rm=rm, rm_ref=rm_ref, rv=rv, rv_ref=rv_ref,
+         ln=fastnorm.layer_norm(small, (33,), w), ln_ref=reference.layer_norm(small, (33,), w))
+"""
+
+
+def _check_cold_result(path):
+    r = np.load(path)
+    for name in ("y", "rm", "rv", "ln"):
+        assert_close(r[name], r[name + "_ref"], tol=ROUNDING, what=name)
+
+
+def test_two_processes_on_a_cold_cache(tmp_path):
+    """Both compile into the same empty NUMBA_CACHE_DIR at once; both must produce correct results, and a
+    third process afterwards must load what they wrote and be correct too."""
+    cache = tmp_path / "numba-cache"
+    cache.mkdir()
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    outs = [tmp_path / f"run{i}.npz" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", COLD_START.format(tests=TESTS_DIR, out=str(o))], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for o in outs[:2]]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    assert any(cache.rglob("*.nbi")), "the cold runs left no cache index"
+    for o in outs[:2]:
+        _check_cold_result(o)
+    _python(COLD_START.format(tests=TESTS_DIR, out=str(outs[2])), env=env)
+    _check_cold_result(outs[2])
