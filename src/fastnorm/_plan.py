@@ -37,7 +37,36 @@ _PARAM_FLOATS = _FLOATS
 # ---------------------------------------------------------------- validation
 
 def is_device(a):
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """A CUDA device array: ``__cuda_array_interface__`` (numba, CuPy), or the CUDA simulator's array
+    (numba's ``__cuda_ndarray__`` marker: the simulator's arrays have no interface)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or getattr(type(a), "__cuda_ndarray__", False)
+
+
+_CUDA = None
+
+
+def kernels(backend):
+    """The kernel module of a backend: ``_cpu``, or ``_cuda`` — imported here, on the first device array,
+    so importing fastnorm never imports numba.cuda.  CUDA unusable in this process → one RuntimeError."""
+    global _CUDA
+    if backend == "cpu":
+        return _cpu
+    if _CUDA is None:
+        try:
+            from . import _cuda
+        except ImportError as e:
+            raise RuntimeError(f"fastnorm got CUDA device arrays, but its CUDA backend needs numba-cuda "
+                               f"(pip install 'fastnorm[cuda]'): {e}") from e
+        _cuda.check_available()
+        _CUDA = _cuda
+    return _CUDA
+
+
+def empty(backend, shape, dtype=np.float64):
+    """The backend's allocator for kernel partials and temporaries: ``np.empty``, or a device array."""
+    return np.empty(shape, dtype) if backend == "cpu" else kernels(backend).empty(shape, dtype)
 
 
 def backend(**arrays):
@@ -155,22 +184,37 @@ class View:
     # perm: the input's axes in memory order (channels moved to 1 or last), inverse: back again.
     # transpose with a precomputed permutation costs ~0.3 µs; np.moveaxis ~5 µs (tiny shapes pay it).
 
-    def to3(self, a):
-        """a (the input's shape) → the contiguous (P, Q, L) view; copies only an array laid out otherwise."""
+    def to3(self, a, dtype=None):
+        """a (the input's shape) → the contiguous (P, Q, L) view, of ``dtype`` if given; copies only an
+        array laid out otherwise (or of another dtype).  Device arrays: ``_cuda.to3``."""
+        if not isinstance(a, np.ndarray):
+            return kernels("cuda").to3(self, a, dtype)
+        if dtype is not None and a.dtype != dtype:
+            a = a.astype(dtype)
         return a.transpose(self.perm).reshape(self.shape3)     # reshape copies (C order) iff it must
 
     def view3(self, a):
         """Like to3, but None where ``a`` cannot be viewed without a copy (so results cannot be written into it)."""
+        if not isinstance(a, np.ndarray):
+            return kernels("cuda").view3(self, a)
         a = a.transpose(self.perm)
         return a.reshape(self.shape3) if a.flags.c_contiguous else None
 
-    def empty(self, dtype):
+    def empty(self, dtype, backend="cpu"):
         """A new output laid out like the planned view, returned in the input's axis order."""
+        if backend != "cpu":
+            return kernels(backend).view_empty(self, dtype)
         return np.empty(self.moved_shape, dtype).transpose(self.inverse)
 
     def from3(self, a3):
         """Inverse of to3 for a kernel result: the input's shape and axis order (a view, no copy)."""
         return a3.reshape(self.moved_shape).transpose(self.inverse)
+
+    def put(self, a3, dst):
+        """dst (the input's shape and axis order) ← the kernel result a3, cast to dst's dtype."""
+        if not isinstance(dst, np.ndarray):
+            return kernels("cuda").put3(self, a3, dst)
+        np.copyto(dst, self.from3(a3), casting="unsafe")
 
 
 def _chunks(length):
@@ -270,7 +314,7 @@ def _is_c_contiguous(shape_strides, itemsize):
 
 
 def channel_view(x, axis, op, groups=None):
-    return _channel_view(x.shape, x.strides, x.itemsize, axis, op, groups)
+    return _channel_view(x.shape, x.strides, x.dtype.itemsize, axis, op, groups)   # device arrays: no .itemsize
 
 
 def row_view(x, ndim_normalized):

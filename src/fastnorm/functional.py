@@ -65,10 +65,12 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
                             running_mean=None if running is None else running[0],
                             running_var=None if running is None else running[1])
-    if backend == "cuda":
-        raise RuntimeError("the CUDA backend is not available in this build")
+    K = _plan.kernels(backend)          # _cpu, or _cuda (imported on the first device array)
+    if backend == "cuda":               # the per-group algebra below runs in NumPy on host copies
+        weight, bias, device_running = K.to_host(weight), K.to_host(bias), running
+        running = None if running is None else (K.to_host(running[0]), K.to_host(running[1]))
     cdtype = compute_dtype(x.dtype)
-    x3 = view.to3(x if x.dtype == cdtype else x.astype(cdtype))
+    x3 = view.to3(x, cdtype)
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
 
@@ -77,7 +79,8 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
         if sync is not None:
             n, mean, m2 = sync.stats(n, mean, m2)
         if n == 0:    # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
-            return (view.empty(x.dtype) if out is None else out), _empty_context(view, x, sync)
+            return (view.empty(x.dtype, backend) if out is None else out), _empty_context(view, x, weight, bias,
+                                                                                          sync)
         var = m2 / n
         if rms:           # mean(x²) = σ² + μ²: both terms ≥ 0, so no cancellation
             var += mean * mean
@@ -97,6 +100,9 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
         for buf, new in zip(running, (mean, unbiased)):   # instance norm: averaged over the batch
             new = new[0] if new.shape[0] == 1 else new.mean(axis=0)
             buf[...] = running_update.py_func(buf.astype(np.float64), new, momentum)
+        if backend == "cuda":           # the updated host copies go back into the device buffers
+            K.copy_to(device_running[0], running[0])
+            K.copy_to(device_running[1], running[1])
 
     if view.mode == _cpu.ROW:
         w = _weight_vector(weight, view.channels)
@@ -111,15 +117,15 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
         b = _ONE[0]
     mean_c = _expand(view, mean)
 
-    y = out if out is not None else view.empty(x.dtype)
+    y = out if out is not None else view.empty(x.dtype, backend)
     if x.size:
         y3 = view.view3(y) if y.dtype == cdtype else None
         tmp = y3 is None
         if tmp:
-            y3 = np.empty(view.shape3, cdtype)
-        _cpu.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
+            y3 = _plan.empty(backend, view.shape3, cdtype)
+        K.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
         if tmp:
-            np.copyto(y, view.from3(y3), casting="unsafe")
+            view.put(y3, y)
 
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
@@ -129,10 +135,12 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     return y, ctx
 
 
-def _empty_context(view, x, sync):
+def _empty_context(view, x, weight, bias, sync):
     """A context for a batch with no elements anywhere: its backward returns empty/zero gradients."""
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n, ctx.sync = view, None, x.shape, x.dtype, 0, sync
+    ctx.weight, ctx.bias = weight, bias
+    ctx.backend = "cuda" if _plan.is_device(x) else "cpu"
     return ctx
 
 
@@ -140,8 +148,10 @@ def _moments(view, x3):
     """Per-group (mean, M2), float64 arrays of ``view.stats_shape``; zeros for an empty input."""
     mean, m2 = np.zeros(view.stats_shape), np.zeros(view.stats_shape)
     if x3.size:
-        pmean, pm2 = np.empty(view.parts), np.empty(view.parts)
-        _cpu.moments(x3.reshape(view.stats3), view.lane, view.cg, view.chunk, pmean, pm2, mean, m2)
+        backend = "cpu" if isinstance(x3, np.ndarray) else "cuda"
+        pmean, pm2 = _plan.empty(backend, view.parts), _plan.empty(backend, view.parts)
+        _plan.kernels(backend).moments(x3.reshape(view.stats3), view.lane, view.cg, view.chunk, pmean, pm2,
+                                       mean, m2)
     return mean, m2
 
 
@@ -154,10 +164,14 @@ def _backward(grad_output, ctx):
         raise ValueError(f"grad_output must have the input's shape {tuple(ctx.shape)}, got "
                          f"{tuple(grad_output.shape)}")
     view, x3 = ctx.view, ctx.x3
-    if ctx.n == 0:   # the whole (global) batch was empty
-        return view.empty(ctx.dtype), None, None
+    if ctx.x3 is None:   # the whole (global) batch was empty: nothing flowed, so zero gradients
+        zero = [None if p is None else np.zeros_like(p) for p in (ctx.weight, ctx.bias)]
+        if ctx.backend == "cuda":       # ctx.weight/bias are host copies on this backend
+            zero = [_plan.kernels("cuda").to_device(z) for z in zero]
+        return view.empty(ctx.dtype, ctx.backend), zero[0], zero[1]
     _plan.backend(grad_output=grad_output, input=x3)
-    dy3 = view.to3(grad_output.astype(x3.dtype, copy=False))
+    K = _plan.kernels(ctx.backend)
+    dy3 = view.to3(grad_output, x3.dtype)
     row = view.mode == _cpu.ROW
     per_sample = ctx.batch_stats and view.per_sample and not row
     X = view.channels
@@ -167,9 +181,9 @@ def _backward(grad_output, ctx):
     row_g = np.empty(view.stats_shape) if row else _ONE
     row_gx = np.empty(view.stats_shape) if row else _ONE
     if x3.size:
-        pa, pb = np.empty(view.rparts), np.empty(view.rparts)
-        _cpu.backward_reduce(dy3, x3, view.mode, view.rchunk, mean_c, rstd_c, ctx.w, pa, pb, sum_dy, sum_dyx,
-                             row_g, row_gx)
+        pa, pb = _plan.empty(ctx.backend, view.rparts), _plan.empty(ctx.backend, view.rparts)
+        K.backward_reduce(dy3, x3, view.mode, view.rchunk, mean_c, rstd_c, ctx.w, pa, pb, sum_dy, sum_dyx,
+                          row_g, row_gx)
     if ctx.sync is not None:
         sum_dy, sum_dyx = ctx.sync.sums(sum_dy, sum_dyx)
 
@@ -198,17 +212,20 @@ def _backward(grad_output, ctx):
         A = _expand(view, kr) * ctx.w
         B, C = _expand(view, B), _expand(view, C)
 
-    dx = view.empty(ctx.dtype)
+    dx = view.empty(ctx.dtype, ctx.backend)
     if x3.size:
         dx3 = view.view3(dx) if dx.dtype == x3.dtype else None
         tmp = dx3 is None
         if tmp:
-            dx3 = np.empty(view.shape3, x3.dtype)
-        _cpu.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w,
-                            dx3)
+            dx3 = _plan.empty(ctx.backend, view.shape3, x3.dtype)
+        K.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w,
+                         dx3)
         if tmp:
-            np.copyto(dx, view.from3(dx3), casting="unsafe")
-    return dx, _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
+            view.put(dx3, dx)
+    dweight, dbias = _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
+    if ctx.backend == "cuda":
+        dweight, dbias = K.to_device(dweight), K.to_device(dbias)
+    return dx, dweight, dbias
 
 
 def _param_grad(grad, param):
@@ -433,5 +450,5 @@ def moments(input, axis=1):
     axis = normalize_axis(axis, input.ndim)
     view = _plan.channel_view(input, axis, "batch")
     cdtype = compute_dtype(input.dtype)
-    mean, m2 = _moments(view, view.to3(input.astype(cdtype, copy=False)))
+    mean, m2 = _moments(view, view.to3(input, cdtype))
     return Moments(input.size // input.shape[axis] if input.shape[axis] else 0, mean[0], m2[0])
