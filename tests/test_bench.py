@@ -1,0 +1,83 @@
+"""``python -m fastnorm bench``: a smoke test of the command and a check that its peers compute the
+same op.  Timings are never asserted — only that every figure is a positive number."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastnorm import _bench
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+
+def test_bench_quick_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastnorm", "bench", "--quick", "--ops", "batch_norm", "--repeat", "2",
+         "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "fastnorm ms" in proc.stdout and "copy bandwidth" in proc.stdout
+
+    report = json.loads(out.read_text())
+    header, rows = report["header"], report["rows"]
+    assert header["copy_gbps"] > 0 and header["numba_threads"] >= 1
+    assert header["torch"] == (torch.__version__ if torch else None)
+    assert [(tuple(r["shape"]), r["mode"]) for r in rows] == [
+        (shape, mode) for shape in _bench.QUICK for mode in _bench.MODES]
+    columns = ["fastnorm_ms", "numpy_ms", "numpy_over_fastnorm", "gbps", "pct_copy"]
+    columns += ["torch_ms", "fastnorm_over_torch"] if torch else []
+    for row in rows:
+        assert row["op"] == "batch_norm" and row["bytes_moved"] > row["input_bytes"] > 0
+        for column in columns:
+            assert math.isfinite(row[column]) and row[column] > 0, (column, row)
+        if not torch:
+            assert row["torch_ms"] is None and row["fastnorm_over_torch"] is None
+        assert all(len(s) == 2 and min(s) > 0 for s in row["samples_ms"].values())
+
+
+CASES = [(op, (2, 64, 3, 2), _bench.CF) for op in _bench.OPS if op not in _bench.ROW_OPS]
+CASES += [(op, (2, 3, 2, 64), _bench.CL) for op in _bench.OPS if op not in _bench.ROW_OPS]
+CASES += [(op, shape, None) for op in _bench.ROW_OPS for shape in [(6, 16), (2, 3, 16)]]
+
+
+def _as_numpy(a, layout):
+    """A column's output as the NumPy array fastnorm returns: torch tensors of a channels-last case are
+    (N, C, spatial…) views, moved back to (N, spatial…, C)."""
+    if torch is not None and isinstance(a, torch.Tensor):
+        a = a.detach().numpy()
+        if layout == _bench.CL and a.ndim > 1:
+            a = np.moveaxis(a, 1, -1)
+    return np.asarray(a)
+
+
+@pytest.mark.parametrize("op, shape, layout", CASES)
+def test_peers_compute_the_same_op(op, shape, layout):
+    """The NumPy and torch columns time the op fastnorm computes (float64; every column starts from
+    its own fresh running statistics and runs fwd then fwd+bwd), so the ratios compare like with like.
+    Group norm on C=64 runs 32 groups of 2 channels."""
+    columns, groups, _ = _bench._setup(op, shape, layout, "float64", torch, out=False)
+    assert op != "group_norm" or groups == 32
+    if torch is not None and op == "batch_renorm":
+        del columns["torch"]               # torch batch_norm is batch renorm's peer in time only
+    results = {name: {mode: impls[mode]() for mode in _bench.MODES} for name, impls in columns.items()}
+    expected = results.pop("fastnorm")
+    expected_y, expected_grads = expected["fwd+bwd"]
+    expected_grads = [g for g in expected_grads if g is not None]       # rms_norm: dbias is None
+    assert results, "no peer to compare with"
+    for name, got in results.items():
+        np.testing.assert_allclose(_as_numpy(got["fwd"], layout), expected["fwd"], rtol=1e-9, atol=1e-9,
+                                   err_msg=name)
+        y, grads = got["fwd+bwd"]
+        np.testing.assert_allclose(_as_numpy(y, layout), expected_y, rtol=1e-9, atol=1e-9, err_msg=name)
+        assert len(grads) == len(expected_grads), name
+        for g, e in zip(grads, expected_grads):
+            np.testing.assert_allclose(_as_numpy(g, layout), e, rtol=1e-8, atol=1e-9, err_msg=name)
