@@ -450,3 +450,17 @@ def save_determinism_outputs(path):
 # the grid's ids are used by several files; computed once
 GRID = grid()
 CASE_IDS = [c.id for c in GRID]
+
+
+def numeric_grad(loss, a, h=FD_STEP):
+    """(loss(a + h·e_i) − loss(a − h·e_i)) / 2h for every element i of ``a`` (perturbed in place)."""
+    g = np.empty(a.shape)
+    for idx in np.ndindex(a.shape):
+        old = a[idx]
+        a[idx] = old + h
+        up = loss()
+        a[idx] = old - h
+        down = loss()
+        a[idx] = old
+        g[idx] = (up - down) / (2 * h)
+    return g

@@ -14,23 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-from cases import FD_STEP, FD_TOL, ROUNDING, assert_close
+from cases import FD_TOL, ROUNDING, assert_close, numeric_grad
 from fastnorm._nn import SGD, Conv2d, Dense, Flatten, ReLU, Sequential, Sigmoid, softmax_cross_entropy
 from fastnorm.layers import BatchNorm
-
-
-def numeric_grad(loss, a, h=FD_STEP):
-    """(loss(a + h·e_i) − loss(a − h·e_i)) / 2h for every element of ``a`` (perturbed in place)."""
-    g = np.empty(a.shape)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + h
-        up = loss()
-        a[idx] = old - h
-        down = loss()
-        a[idx] = old
-        g[idx] = (up - down) / (2 * h)
-    return g
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 0), (2, 1)])

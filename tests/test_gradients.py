@@ -11,21 +11,7 @@ import pytest
 
 import fastnorm
 from fastnorm import reference
-from cases import FD_STEP, FD_TOL, OPS, assert_close, arrange, make_call
-
-
-def numeric_grad(loss, a, h=FD_STEP):
-    """(loss(a + h·e_i) − loss(a − h·e_i)) / 2h for every element i of ``a`` (perturbed in place)."""
-    g = np.empty(a.shape)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + h
-        up = loss()
-        a[idx] = old - h
-        down = loss()
-        a[idx] = old
-        g[idx] = (up - down) / (2 * h)
-    return g
+from cases import FD_TOL, OPS, assert_close, arrange, make_call, numeric_grad
 
 
 def check_gradients(call, rng, wrt=("input", "weight", "bias"), frozen=None):
