@@ -104,12 +104,11 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
             K.copy_to(device_running[0], running[0])
             K.copy_to(device_running[1], running[1])
 
+    w = _weight_vector(weight, view.channels)
     if view.mode == _cpu.ROW:
-        w = _weight_vector(weight, view.channels)
         b = np.zeros(view.channels) if bias is None else bias.astype(np.float64, copy=False).reshape(-1)
         scale, shift = rstd, _ONE
     else:
-        w = _weight_vector(weight, view.channels)
         scale = _expand(view, rstd if k is None else rstd * k) * w
         shift = np.zeros_like(scale) if d is None else _expand(view, d) * w
         if bias is not None:
