@@ -218,7 +218,14 @@ class View:
 
 
 def _chunks(length):
+    """Chunks of a lane of ``length`` elements."""
     return max(1, -(-length // CHUNK))
+
+
+def _row_chunks(rows, width):
+    """(rows per chunk, chunks) for blocks of whole rows of ``width`` columns, ~CHUNK elements each."""
+    chunk = max(1, CHUNK // max(width, 1))
+    return chunk, max(1, -(-rows // chunk))
 
 
 @lru_cache(maxsize=512)
@@ -254,8 +261,9 @@ def _channel_view(shape, strides, itemsize, axis, op, groups):
         v.parts = (N, G, _chunks((C // G) * S))
     else:
         v.stats3 = v.shape3
-        v.cg, v.chunk = C // G, max(1, CHUNK // max(C, 1))
-        v.parts = (N, max(1, -(-S // v.chunk)), C)
+        v.cg = C // G
+        v.chunk, K = _row_chunks(S, C)
+        v.parts = (N, K, C)
     v.stats_shape = (N if v.per_sample else 1, G)
     _backward_chunks(v)
     return v
@@ -283,23 +291,26 @@ def _backward_chunks(v):
     if v.mode == _cpu.LANE:
         v.rchunk, v.rparts = CHUNK, (P, Q, _chunks(L))
     else:
-        v.rchunk = max(1, CHUNK // max(L, 1))
-        v.rparts = (P, max(1, -(-Q // v.rchunk)), L)
+        v.rchunk, K = _row_chunks(Q, L)
+        v.rparts = (P, K, L)
+
+
+def _order(ndim, src, dst):
+    """The axes 0..ndim−1 with axis ``src`` moved to position ``dst`` (np.moveaxis's permutation)."""
+    order = [i for i in range(ndim) if i != src]
+    order.insert(dst, src)
+    return order
 
 
 def _set_perm(v, ndim, axis, move, shape):
-    order = list(range(ndim))
-    if move is not None:
-        order.remove(axis)
-        order.insert(move, axis)
+    order = list(range(ndim)) if move is None else _order(ndim, axis, move)
     v.perm = tuple(order)
     v.inverse = tuple(np.argsort(order).tolist())
     v.moved_shape = tuple(shape[i] for i in order)
 
 
 def _moved(shape, strides, src, dst):
-    order = [i for i in range(len(shape)) if i != src]
-    order.insert(dst, src)
+    order = _order(len(shape), src, dst)
     return tuple(shape[i] for i in order), tuple(strides[i] for i in order)
 
 
