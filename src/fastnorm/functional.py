@@ -118,13 +118,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
 
     y = out if out is not None else view.empty(x.dtype, backend)
     if x.size:
-        y3 = view.view3(y) if y.dtype == cdtype else None
-        tmp = y3 is None
-        if tmp:
-            y3 = _plan.empty(backend, view.shape3, cdtype)
-        K.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
-        if tmp:
-            view.put(y3, y)
+        _write(view, y, cdtype, backend, K.normalize, x3, view.mode, mean_c, scale, shift, w, b)
 
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
@@ -132,6 +126,17 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     ctx.batch_stats, ctx.rms, ctx.weight, ctx.bias, ctx.w = batch_stats, rms, weight, bias, w
     ctx.backend, ctx.sync = backend, sync
     return y, ctx
+
+
+def _write(view, dst, cdtype, backend, kernel, *args):
+    """kernel(*args, out3) with out3 the (P, Q, L) view of ``dst`` — or, where dst has another layout or
+    dtype (a user's ``out``, float16), a temporary copied into dst afterwards."""
+    dst3 = view.view3(dst) if dst.dtype == cdtype else None
+    if dst3 is not None:
+        return kernel(*args, dst3)
+    tmp3 = _plan.empty(backend, view.shape3, cdtype)
+    kernel(*args, tmp3)
+    view.put(tmp3, dst)
 
 
 def _empty_context(view, x, weight, bias, sync):
@@ -213,14 +218,8 @@ def _backward(grad_output, ctx):
 
     dx = view.empty(ctx.dtype, ctx.backend)
     if x3.size:
-        dx3 = view.view3(dx) if dx.dtype == x3.dtype else None
-        tmp = dx3 is None
-        if tmp:
-            dx3 = _plan.empty(ctx.backend, view.shape3, x3.dtype)
-        K.backward_apply(dy3, x3, view.mode, A, np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w,
-                         dx3)
-        if tmp:
-            view.put(dx3, dx)
+        _write(view, dx, x3.dtype, ctx.backend, K.backward_apply, dy3, x3, view.mode, A,
+               np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w)
     dweight, dbias = _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
     if ctx.backend == "cuda":
         dweight, dbias = K.to_device(dweight), K.to_device(dbias)
