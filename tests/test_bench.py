@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastnorm import _bench
+from fastnorm import _bench, _plan
 
 try:
     import torch
@@ -64,7 +64,7 @@ def test_peers_compute_the_same_op(op, shape, layout):
     """The NumPy and torch columns time the op fastnorm computes (float64; every column starts from
     its own fresh running statistics and runs fwd then fwd+bwd), so the ratios compare like with like.
     Group norm on C=64 runs 32 groups of 2 channels."""
-    columns, groups, _ = _bench._setup(op, shape, layout, "float64", torch, out=False)
+    columns, groups, _, _ = _bench._setup(op, shape, layout, "float64", torch, out=False)
     assert op != "group_norm" or groups == 32
     if torch is not None and op == "batch_renorm":
         del columns["torch"]               # torch batch_norm is batch renorm's peer in time only
@@ -81,3 +81,16 @@ def test_peers_compute_the_same_op(op, shape, layout):
         assert len(grads) == len(expected_grads), name
         for g, e in zip(grads, expected_grads):
             np.testing.assert_allclose(_as_numpy(g, layout), e, rtol=1e-8, atol=1e-9, err_msg=name)
+
+
+def test_traffic_counts_the_passes_of_the_plan():
+    """Bytes moved per input byte: fused per-sample groups read x once (2 fwd, 5 fwd+bwd); batch norm and
+    groups longer than a chunk need a statistics pass first (3, 8)."""
+    fused, unfused = {"fwd": 2, "fwd+bwd": 5}, {"fwd": 3, "fwd+bwd": 8}
+    small = np.zeros((4, 8, 6, 6), np.float32)
+    assert _bench._traffic("batch_norm", small, 1, 8) == unfused
+    assert _bench._traffic("instance_norm", small, 1, 8) == fused
+    assert _bench._traffic("group_norm", small, 1, 4) == fused
+    assert _bench._traffic("group_norm", small.transpose(0, 2, 3, 1).copy(), -1, 4) == unfused
+    assert _bench._traffic("layer_norm", np.zeros((3, 64), np.float32), -1, 64) == fused
+    assert _bench._traffic("rms_norm", np.zeros((2, _plan.CHUNK + 1), np.float32), -1, 1) == unfused

@@ -1,4 +1,4 @@
-"""CPU kernel family: four ``@njit(parallel=True)`` kernels on a contiguous 3-D view ``x3 = (P, Q, L)``.
+"""CPU kernel family: ``@njit(parallel=True)`` kernels on a contiguous 3-D view ``x3 = (P, Q, L)``.
 
 Every norm is one of two reduction shapes over that view (``_plan.py`` picks the view, never the kernel):
 
@@ -6,6 +6,11 @@ Every norm is one of two reduction shapes over that view (``_plan.py`` picks the
   layer/RMS norm: ``(1, rows, D)``).
 * *column*: a group is ``cg`` adjacent columns of the rows ``x3[p, :, :]`` (channels-last
   ``(N, H·W, C)``; batch norm flattens the batch into the rows, ``(1, N·H·W, C)``).
+
+The family: ``moments`` (per-group mean and M2), ``normalize`` (y from per-group coefficients),
+``backward_reduce`` (Σdy, Σdy·x̂), ``backward_apply`` (dx from coefficients); and, for per-sample lane
+groups that fit in cache (layer/RMS/instance norm, channels-first group norm), the same formulas fused
+group by group: ``normalize_lanes`` (2 passes over memory, not 3) and ``backward_lanes`` (3, not 5).
 
 Batch norm additionally merges the groups of every ``p``.  Apply kernels use one of three coefficient
 layouts (``LANE``: one value per lane ``[p, q]``; ``COLUMN``: a vector per column ``[p, l]``; ``ROW``:
@@ -20,17 +25,20 @@ Kernels never allocate and never validate: ``_plan.py`` does both, once.
 """
 import types
 
+import numpy as np
 from numba import njit, prange
 from numba.core.caching import FunctionCache
 from numba.core.runtime import rtsys
 
-from ._math import merge_into
+from ._math import dx_coefficients, merge_into
 
 # reassoc lets LLVM split the float64 sums into vector lanes (3-4x on the stats pass in our
 # measurements); the order it picks is fixed by the compiled code, not by the thread count, so results
 # stay bitwise reproducible.  No nnan/ninf: NaN and inf must reach the group's output.  cache=True: a
 # warm process loads the kernels in ~0.3 s instead of compiling them again (~1.2 s each, cold).
-_JIT = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+# error_model='numpy': float division follows IEEE (a constant group with eps = 0 gives 1/0 = inf, then
+# NaN, as in PyTorch) instead of raising ZeroDivisionError from inside a kernel.
+_JIT = dict(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 LANE, COLUMN, ROW = 0, 1, 2
 
@@ -83,6 +91,90 @@ def _serial_if_small(parallel):
     return launch
 
 
+# Lane formulas shared by the kernels below; inline='always' so they compile inside each kernel with
+# its fastmath flags (a called function keeps its own flags, and its reduction would not vectorize).
+
+@njit(inline="always")
+def _lane_moments(v):
+    """(mean, M2) of a contiguous lane in two passes while it sits in cache: mean first, then Σ(x − mean)²."""
+    s = 0.0
+    for i in range(v.size):
+        s += v[i]
+    mu = s / v.size
+    ss = 0.0
+    for i in range(v.size):
+        d = v[i] - mu
+        ss += d * d
+    return mu, ss
+
+
+@njit(inline="always")
+def _scale_shift(v, o, m0, s0, t0):
+    """o = (v − m0)·s0 + t0: one scale and shift per lane."""
+    for l in range(v.size):
+        o[l] = (v[l] - m0) * s0 + t0
+
+
+@njit(inline="always")
+def _scale_weight(v, o, m0, s0, weight, bias):
+    """o = (v − m0)·s0·weight + bias: one scale per lane, weight and bias per element (layer/RMS norm)."""
+    for l in range(v.size):
+        o[l] = (v[l] - m0) * s0 * weight[l] + bias[l]
+
+
+@njit(inline="always")
+def _lane_sums(d, v, m0):
+    """(Σ dy, Σ dy·(x − m0)) over a lane."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(d.size):
+        s1 += d[i]
+        s2 += d[i] * (v[i] - m0)
+    return s1, s2
+
+
+@njit(inline="always")
+def _row_sums(d, v, m0, r0, weight, a, b):
+    """One row of layer/RMS norm: a += dy, b += dy·x̂ per column (→ dbias, dweight), and returns the row's
+    (Σ g, Σ g·x̂) with g = dy·weight (→ dx)."""
+    sg = 0.0
+    sgx = 0.0
+    for l in range(d.size):
+        xh = (v[l] - m0) * r0
+        a[l] += d[l]
+        b[l] += d[l] * xh
+        g = d[l] * weight[l]
+        sg += g
+        sgx += g * xh
+    return sg, sgx
+
+
+@njit(inline="always")
+def _column_parts(pa, pb, p0, p1, j):
+    """Σ over p in [p0, p1) and every chunk k of the column partials pa/pb[p, k, j], in fixed order."""
+    s1 = 0.0
+    s2 = 0.0
+    for p in range(p0, p1):
+        for k in range(pa.shape[1]):
+            s1 += pa[p, k, j]
+            s2 += pb[p, k, j]
+    return s1, s2
+
+
+@njit(inline="always")
+def _dx_lane(d, v, o, a0, b0, c0):
+    """o = dy·a0 + x·b0 + c0: one coefficient triple per lane."""
+    for l in range(d.size):
+        o[l] = d[l] * a0 + v[l] * b0 + c0
+
+
+@njit(inline="always")
+def _dx_row(d, v, o, a0, b0, c0, weight):
+    """o = dy·a0·weight + x·b0 + c0: per-row coefficients, weight per element (layer/RMS norm)."""
+    for l in range(d.size):
+        o[l] = d[l] * a0 * weight[l] + v[l] * b0 + c0
+
+
 @_serial_if_small
 @njit(**_JIT)
 def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
@@ -102,17 +194,7 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
             p = it // (Q * K)
             q = (it // K) % Q
             k = it % K
-            v = x3[p, q, k * chunk:min((k + 1) * chunk, L)]
-            s = 0.0
-            for i in range(v.size):
-                s += v[i]
-            mu = s / v.size
-            ss = 0.0
-            for i in range(v.size):
-                d = v[i] - mu
-                ss += d * d
-            pmean[p, q, k] = mu
-            pm2[p, q, k] = ss
+            pmean[p, q, k], pm2[p, q, k] = _lane_moments(x3[p, q, k * chunk:min((k + 1) * chunk, L)])
     else:
         K = pmean.shape[1]
         for it in prange(P * K):
@@ -179,16 +261,47 @@ def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
             for l in range(L):
                 o[l] = (v[l] - m[l]) * s[l] + t[l]
         elif mode == LANE:
-            m0 = mean[pc, q]
-            s0 = scale[pc, q]
-            t0 = shift[pc, q]
-            for l in range(L):
-                o[l] = (v[l] - m0) * s0 + t0
+            _scale_shift(v, o, mean[pc, q], scale[pc, q], shift[pc, q])
         else:
-            m0 = mean[pc, q]
-            s0 = scale[pc, q]
-            for l in range(L):
-                o[l] = (v[l] - m0) * s0 * weight[l] + bias[l]
+            _scale_weight(v, o, mean[pc, q], scale[pc, q], weight, bias)
+
+
+@_serial_if_small
+@njit(**_JIT)
+def normalize_lanes(x3, cg, eps, rms, weight, bias, mean, m2, rstd, y3):
+    """Statistics and y of every lane group ``x3[p, g]`` in one sweep: y = (x − μ)·rstd·w + b.
+
+    For per-sample norms whose groups fit in one moments chunk (layer/RMS/instance norm, channels-first
+    group norm): the group is read from memory once and normalized while it is still in cache, 2× the
+    input's bytes instead of moments-then-normalize's 3×.  Same lane formulas as ``moments`` (one chunk:
+    Chan's merge of a single part is the part) and ``normalize``.
+    rstd = 1/sqrt(M2/n + eps), or for RMS norm 1/sqrt(M2/n + μ² + eps) with μ reported as 0.
+    x3/y3 are the stats view ``(P, G, cg·S)``: group g holds channels g·cg … g·cg + cg − 1, S elements
+    each.  weight/bias: ``(C, 1)`` one value per channel (channel index taken mod C), or ``(1, S)`` one
+    per element of a lane (layer/RMS norm, cg = 1).  mean/m2/rstd: ``(P, G)``.
+    """
+    P, G, L = x3.shape
+    S = L // cg
+    C, W = weight.shape
+    for it in prange(P * G):
+        p = it // G
+        g = it % G
+        v = x3[p, g]
+        o = y3[p, g]
+        mu, ss = _lane_moments(v)
+        var = ss / v.size
+        if rms:           # mean(x²) = σ² + μ²: both terms ≥ 0, so no cancellation
+            var += mu * mu
+            mu = 0.0
+        r = 1.0 / np.sqrt(var + eps)
+        mean[p, g], m2[p, g], rstd[p, g] = mu, ss, r
+        for j in range(cg):
+            c = (g * cg + j) % C
+            lo = j * S
+            if W == 1:
+                _scale_shift(v[lo:lo + S], o[lo:lo + S], mu, r * weight[c, 0], bias[c, 0])
+            else:
+                _scale_weight(v[lo:lo + S], o[lo:lo + S], mu, r, weight[c], bias[c])
 
 
 @_serial_if_small
@@ -213,14 +326,7 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
             pc = 0 if bc else p
             lo = k * chunk
             hi = min(lo + chunk, L)
-            d = dy3[p, q, lo:hi]
-            v = x3[p, q, lo:hi]
-            m0 = mean[pc, q]
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(hi - lo):
-                s1 += d[i]
-                s2 += d[i] * (v[i] - m0)
+            s1, s2 = _lane_sums(dy3[p, q, lo:hi], x3[p, q, lo:hi], mean[pc, q])
             pa[p, q, k] = s1
             pb[p, q, k] = s2 * rstd[pc, q]
     else:
@@ -243,37 +349,79 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
                         a[l] += d[l]
                         b[l] += d[l] * (v[l] - m[l]) * r[l]
                 else:
-                    m0 = mean[pc, q]
-                    r0 = rstd[pc, q]
-                    sg = 0.0
-                    sgx = 0.0
-                    for l in range(L):
-                        xh = (v[l] - m0) * r0
-                        a[l] += d[l]
-                        b[l] += d[l] * xh
-                        g = d[l] * weight[l]
-                        sg += g
-                        sgx += g * xh
-                    row_g[p, q] = sg
-                    row_gx[p, q] = sgx
+                    row_g[p, q], row_gx[p, q] = _row_sums(d, v, mean[pc, q], rstd[pc, q], weight, a, b)
 
     Pc, X = sum_dy.shape
     for it in prange(Pc * X):
         pc = it // X
         j = it % X
         p0, p1 = (0, P) if Pc == 1 else (pc, pc + 1)
-        s1 = 0.0
-        s2 = 0.0
-        for p in range(p0, p1):
-            for k in range(K):
-                if mode == LANE:
+        if mode == LANE:
+            s1 = 0.0
+            s2 = 0.0
+            for p in range(p0, p1):
+                for k in range(K):
                     s1 += pa[p, j, k]
                     s2 += pb[p, j, k]
-                else:
-                    s1 += pa[p, k, j]
-                    s2 += pb[p, k, j]
+        else:
+            s1, s2 = _column_parts(pa, pb, p0, p1, j)
         sum_dy[pc, j] = s1
         sum_dyx[pc, j] = s2
+
+
+@_serial_if_small
+@njit(**_JIT)
+def backward_lanes(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, dx3):
+    """``backward_reduce`` and ``backward_apply`` fused for the groups ``normalize_lanes`` serves: each
+    group's sums, its dx coefficients (``dx_coefficients``), then its dx while dy and x are in cache —
+    3× the input's bytes instead of 5×.  Training only (eval has no sums to take).
+
+    LANE (instance/group norm): x3/dy3/dx3 are the stats view ``(P, G, cg·S)``; Σdy and Σdy·x̂ per
+    sample and channel go straight to ``sum_dy``/``sum_dyx`` ``(P, C)``; weight ``(C,)``.
+    ROW (layer/RMS norm): ``(1, rows, D)``; every row is a group, processed in blocks of ``chunk`` rows
+    whose column partials ``pa``/``pb`` ``(1, K, D)`` are merged in fixed order into ``(1, D)``.
+    """
+    P, G, L = x3.shape
+    if mode == LANE:
+        S = L // cg
+        for it in prange(P * G):
+            p = it // G
+            g = it % G
+            d = dy3[p, g]
+            v = x3[p, g]
+            o = dx3[p, g]
+            m0 = mean[p, g]
+            r0 = rstd[p, g]
+            sg = 0.0
+            sgx = 0.0
+            for j in range(cg):
+                c = g * cg + j
+                s1, s2 = _lane_sums(d[j * S:(j + 1) * S], v[j * S:(j + 1) * S], m0)
+                sum_dy[p, c] = s1
+                sum_dyx[p, c] = s2 * r0
+                sg += s1 * weight[c]
+                sgx += s2 * r0 * weight[c]
+            B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
+            for j in range(cg):
+                lo = j * S
+                _dx_lane(d[lo:lo + S], v[lo:lo + S], o[lo:lo + S], r0 * weight[g * cg + j], B, C)
+    else:
+        K = pa.shape[1]
+        for it in prange(P * K):
+            p = it // K
+            k = it % K
+            a = pa[p, k]
+            b = pb[p, k]
+            a[:] = 0.0
+            b[:] = 0.0
+            for q in range(k * chunk, min((k + 1) * chunk, G)):
+                m0 = mean[p, q]
+                r0 = rstd[p, q]
+                sg, sgx = _row_sums(dy3[p, q], x3[p, q], m0, r0, weight, a, b)
+                B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
+                _dx_row(dy3[p, q], x3[p, q], dx3[p, q], r0, B, C, weight)
+        for j in prange(L):
+            sum_dy[0, j], sum_dyx[0, j] = _column_parts(pa, pb, 0, P, j)
 
 
 @_serial_if_small
@@ -301,14 +449,6 @@ def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
             for l in range(L):
                 o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
         elif mode == LANE:
-            a0 = ca[pc, q]
-            b0 = cb[pc, q]
-            c0 = cc[pc, q]
-            for l in range(L):
-                o[l] = d[l] * a0 + v[l] * b0 + c0
+            _dx_lane(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q])
         else:
-            a0 = ca[pc, q]
-            b0 = cb[pc, q]
-            c0 = cc[pc, q]
-            for l in range(L):
-                o[l] = d[l] * a0 * weight[l] + v[l] * b0 + c0
+            _dx_row(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)

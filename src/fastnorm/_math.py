@@ -38,3 +38,15 @@ def renorm_rd(mean_b, std_b, running_mean, running_std, rmax, dmax):
     r = np.minimum(np.maximum(std_b / running_std, 1.0 / rmax), rmax)
     d = np.minimum(np.maximum((mean_b - running_mean) / running_std, -dmax), dmax)
     return r, d
+
+
+@njit(inline="always")
+def dx_coefficients(kr, rstd, mean, sg, sgx, n, rms):
+    """B and C of dx = dy·A + x·B + C (A = kr·w) from a group's sums sg = Σg, sgx = Σg·x̂ (g = dy·w).
+
+    term 3: B = −kr·rstd·mean(g·x̂);  term 2: C = −kr·mean(g) − mean·B (RMS norm has no mean to
+    subtract, so no term 2).  kr = k·rstd (k = r for batch renorm, 1 otherwise).
+    """
+    mg = 0.0 if rms else sg / n
+    B = -kr * rstd * (sgx / n)
+    return B, -kr * mg - mean * B

@@ -15,6 +15,10 @@ group norm       channels-last       (N, S, C)    Cg columns                COLU
 layer/RMS norm   any                 (1, rows, D) lane                      ROW (1, rows)
 ===============  ==================  ===========  ========================  ===========
 
+*fused*: a per-sample lane group that fits in one chunk is normalized by ``normalize_lanes`` in the
+same sweep as its statistics (training forward of layer/RMS/instance norm and channels-first group
+norm): 2× the input's bytes instead of 3×.
+
 The layout is read from the strides, not from ``axis``: an ``axis=1`` array stored channels-last (a
 transposed view, as PyTorch's ``channels_last``) is used as it lies.  Only an array that is neither
 gets one contiguous copy.
@@ -179,7 +183,7 @@ class View:
 
     __slots__ = ("perm", "inverse", "moved_shape", "shape3", "stats3", "lane", "cg", "chunk", "parts",
                  "stats_shape", "mode", "groups", "group_size", "channels", "per_sample", "rchunk",
-                 "rparts")
+                 "rparts", "fused")
 
     # perm: the input's axes in memory order (channels moved to 1 or last), inverse: back again.
     # transpose with a precomputed permutation costs ~0.3 µs; np.moveaxis ~5 µs (tiny shapes pay it).
@@ -259,7 +263,9 @@ def _channel_view(shape, strides, itemsize, axis, op, groups):
         v.stats3 = (N, G, (C // G) * S)
         v.cg, v.chunk = 1, CHUNK
         v.parts = (N, G, _chunks((C // G) * S))
+        v.fused = v.per_sample and v.parts[2] == 1
     else:
+        v.fused = False
         v.stats3 = v.shape3
         v.cg = C // G
         v.chunk, K = _row_chunks(S, C)
@@ -278,6 +284,7 @@ def _row_view(shape, ndim_normalized):
     v.shape3 = v.stats3 = (1, rows, D)
     v.lane, v.cg, v.chunk = True, 1, CHUNK
     v.parts = (1, rows, _chunks(D))
+    v.fused = v.parts[2] == 1
     v.stats_shape = (1, rows)
     v.mode = _cpu.ROW
     v.groups, v.group_size, v.channels, v.per_sample = rows, 1, D, True

@@ -15,7 +15,7 @@ import numpy as np
 from . import _cpu, _plan
 from typing import NamedTuple
 
-from ._math import merge_into, renorm_rd, running_update
+from ._math import dx_coefficients, merge_into, renorm_rd, running_update
 from ._plan import (check_eps, check_input, check_momentum, check_out, check_param, check_running,
                     compute_dtype, normalize_axis, per_channel_error)
 
@@ -74,13 +74,24 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
 
-    if batch_stats:
+    y = out if out is not None else view.empty(x.dtype, backend)
+    w = _weight_vector(weight, view.channels)
+    b = np.zeros(view.channels) if bias is None else bias.astype(np.float64, copy=False).reshape(-1)
+    # One sweep for statistics and y where a group fits in cache (the plan's ``fused``); the CUDA
+    # backend has no fused kernel yet and takes the two-kernel path.
+    fused = batch_stats and view.fused and backend == "cpu" and x.size > 0
+    if fused:
+        mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
+        per = (1, -1) if view.mode == _cpu.ROW else (-1, 1)       # weight per element, or per channel
+        _write(view, y, cdtype, backend, _cpu.normalize_lanes, x3.reshape(view.stats3), view.group_size, eps,
+               rms, w.reshape(per), b.reshape(per), mean, m2, rstd, shape3=view.stats3)
+        var = m2 / n
+    elif batch_stats:
         mean, m2 = _moments(view, x3)
         if sync is not None:
             n, mean, m2 = sync.stats(n, mean, m2)
         if n == 0:    # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
-            return (view.empty(x.dtype, backend) if out is None else out), _empty_context(view, x, weight, bias,
-                                                                                          sync)
+            return y, _empty_context(view, x, weight, bias, sync)
         var = m2 / n
         if rms:           # mean(x²) = σ² + μ²: both terms ≥ 0, so no cancellation
             var += mean * mean
@@ -88,7 +99,8 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     else:
         mean = running[0].astype(np.float64).reshape(1, -1)
         var = running[1].astype(np.float64).reshape(1, -1)
-    rstd = 1.0 / np.sqrt(var + eps)
+    if not fused:
+        rstd = 1.0 / np.sqrt(var + eps)
 
     k = d = None
     if renorm is not None:
@@ -104,21 +116,15 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
             K.copy_to(device_running[0], running[0])
             K.copy_to(device_running[1], running[1])
 
-    w = _weight_vector(weight, view.channels)
-    if view.mode == _cpu.ROW:
-        b = np.zeros(view.channels) if bias is None else bias.astype(np.float64, copy=False).reshape(-1)
-        scale, shift = rstd, _ONE
-    else:
-        scale = _expand(view, rstd if k is None else rstd * k) * w
-        shift = np.zeros_like(scale) if d is None else _expand(view, d) * w
-        if bias is not None:
-            shift += bias
-        b = _ONE[0]
-    mean_c = _expand(view, mean)
-
-    y = out if out is not None else view.empty(x.dtype, backend)
-    if x.size:
-        _write(view, y, cdtype, backend, K.normalize, x3, view.mode, mean_c, scale, shift, w, b)
+    if x.size and not fused:
+        if view.mode == _cpu.ROW:
+            scale, shift = rstd, _ONE
+        else:
+            scale = _expand(view, rstd if k is None else rstd * k) * w
+            shift = np.zeros_like(scale) if d is None else _expand(view, d) * w
+            if bias is not None:
+                shift += bias
+        _write(view, y, cdtype, backend, K.normalize, x3, view.mode, _expand(view, mean), scale, shift, w, b)
 
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
@@ -128,14 +134,14 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     return y, ctx
 
 
-def _write(view, dst, cdtype, backend, kernel, *args):
-    """kernel(*args, out3) with out3 the (P, Q, L) view of ``dst`` — or, where dst has another layout or
-    dtype (a user's ``out``, float16), a temporary copied into dst afterwards."""
+def _write(view, dst, cdtype, backend, kernel, *args, shape3=None):
+    """kernel(*args, out3) with out3 the (P, Q, L) view of ``dst`` (reshaped to ``shape3`` if given) — or,
+    where dst has another layout or dtype (a user's ``out``, float16), a temporary copied into dst after."""
     dst3 = view.view3(dst) if dst.dtype == cdtype else None
     if dst3 is not None:
-        return kernel(*args, dst3)
+        return kernel(*args, dst3 if shape3 is None else dst3.reshape(shape3))
     tmp3 = _plan.empty(backend, view.shape3, cdtype)
-    kernel(*args, tmp3)
+    kernel(*args, tmp3 if shape3 is None else tmp3.reshape(shape3))
     view.put(tmp3, dst)
 
 
@@ -179,15 +185,23 @@ def _backward(grad_output, ctx):
     row = view.mode == _cpu.ROW
     per_sample = ctx.batch_stats and view.per_sample and not row
     X = view.channels
-    mean_c, rstd_c = _expand(view, ctx.mean), _expand(view, ctx.rstd)
     sum_dy = np.zeros((view.stats_shape[0] if per_sample else 1, X))
     sum_dyx = np.zeros_like(sum_dy)
-    row_g = np.empty(view.stats_shape) if row else _ONE
-    row_gx = np.empty(view.stats_shape) if row else _ONE
+    dx = view.empty(ctx.dtype, ctx.backend)
+    # The groups the forward fused (``normalize_lanes``) take one fused backward too; the CUDA backend has
+    # no fused kernel yet.  ctx.k and ctx.sync are None for these per-sample ops.
+    fused = ctx.batch_stats and view.fused and ctx.backend == "cpu" and x3.size > 0
     if x3.size:
         pa, pb = _plan.empty(ctx.backend, view.rparts), _plan.empty(ctx.backend, view.rparts)
-        K.backward_reduce(dy3, x3, view.mode, view.rchunk, mean_c, rstd_c, ctx.w, pa, pb, sum_dy, sum_dyx,
-                          row_g, row_gx)
+    if fused:
+        _write(view, dx, x3.dtype, ctx.backend, _cpu.backward_lanes, dy3.reshape(view.stats3),
+               x3.reshape(view.stats3), view.mode, view.group_size, view.rchunk, ctx.rms, ctx.n, ctx.mean,
+               ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx, shape3=view.stats3)
+    elif x3.size:
+        row_g = np.empty(view.stats_shape) if row else _ONE
+        row_gx = np.empty(view.stats_shape) if row else _ONE
+        K.backward_reduce(dy3, x3, view.mode, view.rchunk, _expand(view, ctx.mean), _expand(view, ctx.rstd),
+                          ctx.w, pa, pb, sum_dy, sum_dyx, row_g, row_gx)
     if ctx.sync is not None:
         sum_dy, sum_dyx = ctx.sync.sums(sum_dy, sum_dyx)
 
@@ -196,28 +210,24 @@ def _backward(grad_output, ctx):
     if ctx.k is not None:         # batch renorm: x̂ = x̂_B·r + d
         dweight = ctx.k[0] * dweight + ctx.d[0] * dbias
 
-    rstd = ctx.rstd
-    if ctx.batch_stats:
-        if row:
-            sg, sgx = row_g, row_gx
+    if x3.size and not fused:
+        rstd = ctx.rstd
+        if ctx.batch_stats:
+            if row:
+                sg, sgx = row_g, row_gx
+            else:
+                G, cg = view.groups, view.group_size
+                sg = (sum_dy * ctx.w).reshape(-1, G, cg).sum(axis=2)
+                sgx = (sum_dyx * ctx.w).reshape(-1, G, cg).sum(axis=2)
+            kr = rstd if ctx.k is None else rstd * ctx.k
+            B, C = dx_coefficients.py_func(kr, rstd, ctx.mean, sg, sgx, ctx.n, ctx.rms)
         else:
-            G, cg = view.groups, view.group_size
-            sg = (sum_dy * ctx.w).reshape(-1, G, cg).sum(axis=2)
-            sgx = (sum_dyx * ctx.w).reshape(-1, G, cg).sum(axis=2)
-        kr = rstd if ctx.k is None else rstd * ctx.k
-        mg = 0.0 if ctx.rms else sg / ctx.n          # term 2: mean(g) (RMS norm has no mean to subtract)
-        B = -kr * rstd * (sgx / ctx.n)               # term 3: −k·rstd²·mean(g·x̂)
-        C = -kr * mg - ctx.mean * B
-    else:
-        kr, B, C = rstd, np.zeros_like(rstd), np.zeros_like(rstd)
-    if row:
-        A = kr
-    else:
-        A = _expand(view, kr) * ctx.w
-        B, C = _expand(view, B), _expand(view, C)
-
-    dx = view.empty(ctx.dtype, ctx.backend)
-    if x3.size:
+            kr, B, C = rstd, np.zeros_like(rstd), np.zeros_like(rstd)
+        if row:
+            A = kr
+        else:
+            A = _expand(view, kr) * ctx.w
+            B, C = _expand(view, B), _expand(view, C)
         _write(view, dx, x3.dtype, ctx.backend, K.backward_apply, dy3, x3, view.mode, A,
                np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w)
     dweight, dbias = _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
