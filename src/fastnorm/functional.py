@@ -15,7 +15,7 @@ import numpy as np
 from . import _cpu, _plan
 from typing import NamedTuple
 
-from ._math import dx_coefficients, merge_into, renorm_rd, running_update
+from ._math import backward_coefficients, forward_coefficients, merge_into, update_running
 from ._plan import (check_eps, check_input, check_momentum, check_out, check_param, check_running,
                     compute_dtype, normalize_axis, per_channel_error)
 
@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 _ONE = np.ones((1, 1))      # placeholder for kernel arguments a mode does not read
+_NO_BUFFER = np.empty(0)    # running_mean/running_var when there are none (the kernels never read it)
+_KERNEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class Context:
@@ -48,83 +50,105 @@ def _expand(view, per_group):
     return np.repeat(per_group, view.group_size, axis=1)
 
 
-def _weight_vector(weight, length):
-    """weight (C,) or normalized_shape → a float64 vector; None → ones."""
-    return np.ones(length) if weight is None else weight.astype(np.float64, copy=False).reshape(-1)
+def _vector(param, length, fill):
+    """weight/bias (C,) or normalized_shape → a contiguous float64 vector the kernels can read; None →
+    ``fill`` (1 for weight, 0 for bias).  Only float64 C-contiguous vectors reach the kernels, so each
+    kernel compiles once per input dtype, not once per parameter dtype and layout."""
+    if param is None:
+        return np.ones(length) if fill else np.zeros(length)
+    v = param.reshape(-1)
+    if v.dtype != np.float64 or not v.flags.c_contiguous or not v.flags.writeable:
+        v = v.astype(np.float64)
+    return v
+
+
+def _buffer(running):
+    """A running buffer as the coefficient algebra takes it: the array itself where it can be updated in
+    place (float32/float64, contiguous, writeable), else a float64 copy for the caller to write back."""
+    if running.dtype in _KERNEL_FLOATS and running.flags.c_contiguous and running.flags.writeable:
+        return running
+    return running.astype(np.float64)
 
 
 def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, momentum=None,
              renorm=None, rms=False, sync=None):
-    """The one forward: statistics, running-stat update, batch-renorm r/d, normalize.
+    """The one forward: statistics, ``forward_coefficients`` (rstd, batch-renorm r/d, running-stat
+    update, coefficient layout), normalize.
 
     running: (running_mean, running_var) — normalizes with them unless batch_stats, and is updated in
     place when batch_stats and momentum is not None.  renorm: (rmax, dmax), training only.
     sync: an object whose ``stats(count, mean, m2)`` returns the statistics of the global batch and
     whose ``sums(sum_dy, sum_dyx)`` does the same for backward (``fastnorm.distributed``); None = local.
+    Three routes, one computation: a per-sample group that fits in cache (``view.fused``) is normalized
+    in the sweep that takes its statistics; a small CPU input runs ``_cpu.forward_small`` (the same
+    steps in one compiled call); anything else takes the steps one kernel launch at a time.
     """
-    backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
-                            running_mean=None if running is None else running[0],
-                            running_var=None if running is None else running[1])
+    if _plan.on_host(x, weight, bias, out, *(running or ())):
+        backend = "cpu"
+    else:
+        backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
+                                running_mean=None if running is None else running[0],
+                                running_var=None if running is None else running[1])
     K = _plan.kernels(backend)          # _cpu, or _cuda (imported on the first device array)
-    if backend == "cuda":               # the per-group algebra below runs in NumPy on host copies
+    if backend == "cuda":               # the per-group algebra runs on host copies of the small arrays
         weight, bias, device_running = K.to_host(weight), K.to_host(bias), running
         running = None if running is None else (K.to_host(running[0]), K.to_host(running[1]))
     cdtype = compute_dtype(x.dtype)
     x3 = view.to3(x, cdtype)
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
-
-    y = out if out is not None else view.empty(x.dtype, backend)
-    w = _weight_vector(weight, view.channels)
-    b = np.zeros(view.channels) if bias is None else bias.astype(np.float64, copy=False).reshape(-1)
-    # One sweep for statistics and y where a group fits in cache (the plan's ``fused``); the CUDA
-    # backend has no fused kernel yet and takes the two-kernel path.
-    fused = batch_stats and view.fused and backend == "cpu" and x.size > 0
-    if fused:
-        mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
-        per = (1, -1) if view.mode == _cpu.ROW else (-1, 1)       # weight per element, or per channel
-        _write(view, y, cdtype, backend, _cpu.normalize_lanes, x3.reshape(view.stats3), view.group_size, eps,
-               rms, w.reshape(per), b.reshape(per), mean, m2, rstd, shape3=view.stats3)
-        var = m2 / n
-    elif batch_stats:
-        mean, m2 = _moments(view, x3)
-        if sync is not None:
-            n, mean, m2 = sync.stats(n, mean, m2)
-        if n == 0:    # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
-            return y, _empty_context(view, x, weight, bias, sync)
-        var = m2 / n
-        if rms:           # mean(x²) = σ² + μ²: both terms ≥ 0, so no cancellation
-            var += mean * mean
-            mean[...] = 0.0
-    else:
-        mean = running[0].astype(np.float64).reshape(1, -1)
-        var = running[1].astype(np.float64).reshape(1, -1)
-    if not fused:
-        rstd = 1.0 / np.sqrt(var + eps)
-
+    y, y3, temporary = _output(view, out, x.dtype, cdtype, backend)
+    w, b = _vector(weight, view.channels, 1.0), _vector(bias, view.channels, 0.0)
+    buffers = (_NO_BUFFER, _NO_BUFFER) if running is None else (_buffer(running[0]), _buffer(running[1]))
+    m = -1.0 if momentum is None or not batch_stats or running is None else momentum     # < 0: no update
+    rmax, dmax = (0.0, 0.0) if renorm is None else renorm
     k = d = None
-    if renorm is not None:
-        rmax, dmax = renorm     # r, d from the running stats *before* this step's update
-        k, d = renorm_rd.py_func(mean, 1.0 / rstd, running[0].astype(np.float64),
-                                 np.sqrt(running[1].astype(np.float64) + eps), rmax, dmax)
-    if batch_stats and running is not None and momentum is not None:
-        unbiased = var * (n / (n - 1))
-        for buf, new in zip(running, (mean, unbiased)):   # instance norm: averaged over the batch
-            new = new[0] if new.shape[0] == 1 else new.mean(axis=0)
-            buf[...] = running_update.py_func(buf.astype(np.float64), new, momentum)
+
+    if batch_stats and view.fused and backend == "cpu" and x.size:
+        mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
+        _cpu.normalize_lanes(x3.reshape(view.stats3), view.mode, view.group_size, eps, rms, w, b, mean, m2, rstd,
+                             y3.reshape(view.stats3))
+        if m >= 0:        # instance norm with running buffers
+            update_running(*buffers, mean, m2, n, m)
+    elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
+        stats_shape = view.stats_shape if batch_stats else (1, view.channels)
+        mean, rstd = np.empty(stats_shape), np.empty(stats_shape)
+        k, d = (np.ones((1, view.channels)), np.zeros((1, view.channels))) if renorm is not None else (_ONE, _ONE)
+        _cpu.forward_small(x3, x3.reshape(view.stats3), view.lane, view.cg, view.chunk, view.parts, view.mode,
+                           view.group_size, n, eps, rms, batch_stats, *buffers, m, renorm is not None, rmax, dmax,
+                           w, b, mean, rstd, k, d, y3)
+    else:
+        if batch_stats:
+            mean, m2 = _moments(view, x3)
+            if sync is not None:
+                n, mean, m2 = sync.stats(n, mean, m2)
+            if n == 0:    # nothing to normalize and nothing to learn from (PyTorch leaves the buffers alone)
+                return y, _empty_context(view, x, weight, bias, sync)
+        else:
+            mean = m2 = np.empty((1, view.channels))
+        rstd = np.empty(mean.shape)
+        k, d = np.ones((1, view.channels)), np.zeros((1, view.channels))
+        expand = view.mode != _cpu.ROW
+        coef = (mean.shape[0], view.channels) if expand else (1, 1)
+        mean_c, scale, shift = np.empty(coef), np.empty(coef), np.empty(coef)
+        forward_coefficients(mean, m2, n, eps, rms, batch_stats, *buffers, m, renorm is not None, rmax, dmax, w, b,
+                             view.group_size, expand, rstd, k, d, mean_c, scale, shift)
+        if x.size:
+            if expand:
+                K.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
+            else:
+                K.normalize(x3, view.mode, mean, rstd, rstd, w, b, y3)
+    _finish(view, y, y3, temporary)
+    if renorm is None:
+        k = d = None
+
+    if m >= 0:
+        for buf, new in zip(running, buffers):
+            if new is not buf:        # a copy was updated (another dtype or layout, or a device buffer)
+                buf[...] = new
         if backend == "cuda":           # the updated host copies go back into the device buffers
             K.copy_to(device_running[0], running[0])
             K.copy_to(device_running[1], running[1])
-
-    if x.size and not fused:
-        if view.mode == _cpu.ROW:
-            scale, shift = rstd, _ONE
-        else:
-            scale = _expand(view, rstd if k is None else rstd * k) * w
-            shift = np.zeros_like(scale) if d is None else _expand(view, d) * w
-            if bias is not None:
-                shift += bias
-        _write(view, y, cdtype, backend, K.normalize, x3, view.mode, _expand(view, mean), scale, shift, w, b)
 
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
@@ -134,15 +158,23 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     return y, ctx
 
 
-def _write(view, dst, cdtype, backend, kernel, *args, shape3=None):
-    """kernel(*args, out3) with out3 the (P, Q, L) view of ``dst`` (reshaped to ``shape3`` if given) — or,
-    where dst has another layout or dtype (a user's ``out``, float16), a temporary copied into dst after."""
-    dst3 = view.view3(dst) if dst.dtype == cdtype else None
-    if dst3 is not None:
-        return kernel(*args, dst3 if shape3 is None else dst3.reshape(shape3))
-    tmp3 = _plan.empty(backend, view.shape3, cdtype)
-    kernel(*args, tmp3 if shape3 is None else tmp3.reshape(shape3))
-    view.put(tmp3, dst)
+def _output(view, out, dtype, cdtype, backend):
+    """(result, out3, temporary): the array an op returns and the (P, Q, L) array its kernels write.
+    out3 is a view of result — a new array laid out like the plan, or the user's ``out`` where it can be
+    viewed so — or else a temporary (another layout, or float16) that ``_finish`` copies into result."""
+    if out is None and dtype == cdtype:
+        return view.new3(dtype, backend) + (False,)
+    result = view.empty(dtype, backend) if out is None else out
+    out3 = view.view3(result) if result.dtype == cdtype else None
+    if out3 is None:
+        return result, _plan.empty(backend, view.shape3, cdtype), True
+    return result, out3, False
+
+
+def _finish(view, result, out3, temporary):
+    """result ← out3 when ``_output`` gave a temporary."""
+    if temporary:
+        view.put(out3, result)
 
 
 def _empty_context(view, x, weight, bias, sync):
@@ -166,7 +198,8 @@ def _moments(view, x3):
 
 
 def _backward(grad_output, ctx):
-    """The one backward: Σdy and Σdy·x̂ per coefficient (one pass), the algebra above, then dx (one pass)."""
+    """The one backward: Σdy and Σdy·x̂ per coefficient (one pass), ``backward_coefficients``, then dx
+    (one pass) — by the same three routes as ``_forward``."""
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx must be the context returned by the matching _forward, got {type(ctx).__name__}")
     check_input(grad_output, "grad_output")
@@ -179,57 +212,49 @@ def _backward(grad_output, ctx):
         if ctx.backend == "cuda":       # ctx.weight/bias are host copies on this backend
             zero = [_plan.kernels("cuda").to_device(z) for z in zero]
         return view.empty(ctx.dtype, ctx.backend), zero[0], zero[1]
-    _plan.backend(grad_output=grad_output, input=x3)
+    if not _plan.on_host(grad_output, x3):
+        _plan.backend(grad_output=grad_output, input=x3)
     K = _plan.kernels(ctx.backend)
     dy3 = view.to3(grad_output, x3.dtype)
-    row = view.mode == _cpu.ROW
-    per_sample = ctx.batch_stats and view.per_sample and not row
+    expand = view.mode != _cpu.ROW
+    per_sample = ctx.batch_stats and view.per_sample and expand
     X = view.channels
-    sum_dy = np.zeros((view.stats_shape[0] if per_sample else 1, X))
-    sum_dyx = np.zeros_like(sum_dy)
-    dx = view.empty(ctx.dtype, ctx.backend)
-    # The groups the forward fused (``normalize_lanes``) take one fused backward too; the CUDA backend has
-    # no fused kernel yet.  ctx.k and ctx.sync are None for these per-sample ops.
-    fused = ctx.batch_stats and view.fused and ctx.backend == "cpu" and x3.size > 0
-    if x3.size:
-        pa, pb = _plan.empty(ctx.backend, view.rparts), _plan.empty(ctx.backend, view.rparts)
-    if fused:
-        _write(view, dx, x3.dtype, ctx.backend, _cpu.backward_lanes, dy3.reshape(view.stats3),
-               x3.reshape(view.stats3), view.mode, view.group_size, view.rchunk, ctx.rms, ctx.n, ctx.mean,
-               ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx, shape3=view.stats3)
-    elif x3.size:
-        row_g = np.empty(view.stats_shape) if row else _ONE
-        row_gx = np.empty(view.stats_shape) if row else _ONE
-        K.backward_reduce(dy3, x3, view.mode, view.rchunk, _expand(view, ctx.mean), _expand(view, ctx.rstd),
-                          ctx.w, pa, pb, sum_dy, sum_dyx, row_g, row_gx)
-    if ctx.sync is not None:
-        sum_dy, sum_dyx = ctx.sync.sums(sum_dy, sum_dyx)
+    sums_shape = (view.stats_shape[0] if per_sample else 1, X)
+    dx, dx3, temporary = _output(view, None, ctx.dtype, x3.dtype, ctx.backend)
+    renorm = ctx.k is not None
+    k, d = (ctx.k, ctx.d) if renorm else (_ONE, _ONE)
 
-    dbias = sum_dy.sum(axis=0)
-    dweight = sum_dyx.sum(axis=0)
-    if ctx.k is not None:         # batch renorm: x̂ = x̂_B·r + d
-        dweight = ctx.k[0] * dweight + ctx.d[0] * dbias
-
-    if x3.size and not fused:
-        rstd = ctx.rstd
-        if ctx.batch_stats:
-            if row:
-                sg, sgx = row_g, row_gx
-            else:
-                G, cg = view.groups, view.group_size
-                sg = (sum_dy * ctx.w).reshape(-1, G, cg).sum(axis=2)
-                sgx = (sum_dyx * ctx.w).reshape(-1, G, cg).sum(axis=2)
-            kr = rstd if ctx.k is None else rstd * ctx.k
-            B, C = dx_coefficients.py_func(kr, rstd, ctx.mean, sg, sgx, ctx.n, ctx.rms)
-        else:
-            kr, B, C = rstd, np.zeros_like(rstd), np.zeros_like(rstd)
-        if row:
-            A = kr
-        else:
-            A = _expand(view, kr) * ctx.w
-            B, C = _expand(view, B), _expand(view, C)
-        _write(view, dx, x3.dtype, ctx.backend, K.backward_apply, dy3, x3, view.mode, A,
-               np.ascontiguousarray(B), np.ascontiguousarray(C), ctx.w)
+    if ctx.batch_stats and view.fused and ctx.backend == "cpu" and x3.size:
+        # the groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
+        sum_dy, sum_dyx = np.empty(sums_shape), np.empty(sums_shape)
+        pa, pb = np.empty(view.rparts), np.empty(view.rparts)
+        _cpu.backward_lanes(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
+                            view.rchunk, ctx.rms, ctx.n, ctx.mean, ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx,
+                            dx3.reshape(view.stats3))
+        dbias, dweight = (sum_dy[0], sum_dyx[0]) if sums_shape[0] == 1 else (sum_dy.sum(0), sum_dyx.sum(0))
+    elif ctx.backend == "cpu" and ctx.sync is None and 0 < x3.size < _cpu.SERIAL_BELOW:
+        dweight, dbias = np.empty(X), np.empty(X)
+        _cpu.backward_small(dy3, x3, view.mode, view.rchunk, view.rparts, sums_shape, view.group_size, ctx.n,
+                            ctx.rms, ctx.batch_stats, ctx.mean, ctx.rstd, k, d, renorm, ctx.w, dweight, dbias, dx3)
+    else:
+        sum_dy, sum_dyx = np.zeros(sums_shape), np.zeros(sums_shape)
+        row_g = row_gx = _ONE
+        if x3.size:
+            pa, pb = _plan.empty(ctx.backend, view.rparts), _plan.empty(ctx.backend, view.rparts)
+            if not expand:
+                row_g, row_gx = np.empty(view.stats_shape), np.empty(view.stats_shape)
+            K.backward_reduce(dy3, x3, view.mode, view.rchunk, _expand(view, ctx.mean), _expand(view, ctx.rstd),
+                              ctx.w, pa, pb, sum_dy, sum_dyx, row_g, row_gx)
+        if ctx.sync is not None:
+            sum_dy, sum_dyx = ctx.sync.sums(sum_dy, sum_dyx)
+        dweight, dbias = np.empty(X), np.empty(X)
+        coef = (ctx.rstd.shape[0], X) if expand else ctx.rstd.shape
+        ca, cb, cc = np.empty(coef), np.empty(coef), np.empty(coef)
+        backward_coefficients(sum_dy, sum_dyx, ctx.w, ctx.mean, ctx.rstd, k, d, renorm, ctx.n, ctx.rms,
+                              ctx.batch_stats, view.group_size, expand, row_g, row_gx, dweight, dbias, ca, cb, cc)
+        if x3.size:
+            K.backward_apply(dy3, x3, view.mode, ca, cb, cc, ctx.w, dx3)
+    _finish(view, dx, dx3, temporary)
     dweight, dbias = _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
     if ctx.backend == "cuda":
         dweight, dbias = K.to_device(dweight), K.to_device(dbias)
@@ -367,6 +392,10 @@ group_norm_backward = instance_norm_backward
 
 def _normalized(input, normalized_shape):
     check_input(input)
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1:      # the common call, fast
+        normalized_shape = normalized_shape[0]
+    if type(normalized_shape) is int and type(input) is np.ndarray and input.ndim and input.shape[-1] == normalized_shape:
+        return (normalized_shape,)
     shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
     if not shape or any(not isinstance(s, (int, np.integer)) for s in shape):
         raise TypeError(f"normalized_shape must be an int or a non-empty tuple of ints, got {normalized_shape!r}")
