@@ -1,8 +1,10 @@
-"""Scalar formulas shared by the CPU and CUDA kernels.
+"""The formulas of every norm, each written once.
 
-Each is an ``@njit(inline='always')`` function: prange kernels and ``numba.cuda`` kernels both inline
-it, and ``.py_func`` is the same formula evaluated by NumPy on whole arrays in the public layer
-(``running_update.py_func(running_mean, mean, m)``), so every formula is written exactly once.
+Scalar formulas (``merge_into``, ``running_update``, ``renorm_rd``, ``dx_coefficients``) are
+``@njit(inline='always')`` functions: prange kernels and ``numba.cuda`` kernels inline them, and
+``merge_into.py_func`` merges whole ``Moments`` arrays in NumPy.  The per-group coefficient algebra
+(``forward_coefficients``, ``backward_coefficients``, ``update_running``) applies them over the
+groups, on the host, for every backend.
 """
 import numpy as np
 from numba import njit
@@ -32,9 +34,8 @@ def running_update(running, batch, momentum):
 @njit(inline="always")
 def renorm_rd(mean_b, std_b, running_mean, running_std, rmax, dmax):
     """Batch renorm (Ioffe 2017, Alg. 1): r = clip(σ_B/σ, 1/rmax, rmax), d = clip((μ_B − μ)/σ, ±dmax)."""
-    # np.minimum/np.maximum rather than min/max: they compile for CPU and CUDA kernels *and* work on
-    # whole arrays through .py_func (NaN propagates in both).  Written out, not through a jitted clip
-    # helper: .py_func calling a dispatcher compiled it on every process's first renorm (+0.25 s).
+    # np.minimum/np.maximum rather than min/max: NaN propagates (a NaN channel stays NaN), on the CPU
+    # and in CUDA kernels alike.
     r = np.minimum(np.maximum(std_b / running_std, 1.0 / rmax), rmax)
     d = np.minimum(np.maximum((mean_b - running_mean) / running_std, -dmax), dmax)
     return r, d

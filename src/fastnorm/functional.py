@@ -32,6 +32,7 @@ __all__ = [
 _ONE = np.ones((1, 1))      # placeholder for kernel arguments a mode does not read
 _NO_BUFFER = np.empty(0)    # running_mean/running_var when there are none (the kernels never read it)
 _KERNEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
 
 class Context:
@@ -56,10 +57,11 @@ def _vector(param, length, fill):
     kernel compiles once per input dtype, not once per parameter dtype and layout."""
     if param is None:
         return np.ones(length) if fill else np.zeros(length)
-    v = param.reshape(-1)
-    if v.dtype != np.float64 or not v.flags.c_contiguous or not v.flags.writeable:
-        v = v.astype(np.float64)
-    return v
+    if param.ndim != 1:
+        param = param.reshape(-1)
+    if param.dtype is _F64 and param.flags.c_contiguous and param.flags.writeable:
+        return param
+    return param.astype(np.float64)                 # a new contiguous, writeable float64 vector
 
 
 def _buffer(running):
@@ -83,21 +85,25 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     in the sweep that takes its statistics; a small CPU input runs ``_cpu.forward_small`` (the same
     steps in one compiled call); anything else takes the steps one kernel launch at a time.
     """
-    if _plan.on_host(x, weight, bias, out, *(running or ())):
-        backend = "cpu"
+    if _plan.on_host(x, weight, bias, out) and (running is None or _plan.on_host(*running)):
+        backend, K = "cpu", _cpu
     else:
         backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
                                 running_mean=None if running is None else running[0],
                                 running_var=None if running is None else running[1])
-    K = _plan.kernels(backend)          # _cpu, or _cuda (imported on the first device array)
+        K = _plan.kernels(backend)      # _cpu, or _cuda (imported on the first device array)
     if backend == "cuda":               # the per-group algebra runs on host copies of the small arrays
         weight, bias, device_running = K.to_host(weight), K.to_host(bias), running
         running = None if running is None else (K.to_host(running[0]), K.to_host(running[1]))
-    cdtype = compute_dtype(x.dtype)
+    cdtype = x.dtype if x.dtype != _F16 else _F32
     x3 = view.to3(x, cdtype)
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
-    y, y3, temporary = _output(view, out, x.dtype, cdtype, backend)
+    if out is None and backend == "cpu" and cdtype is x.dtype:        # the common case, inline: ~0.3 µs
+        y3 = np.empty(view.shape3, cdtype)
+        y, temporary = view.from3(y3), False
+    else:
+        y, y3, temporary = _output(view, out, x.dtype, cdtype, backend)
     w, b = _vector(weight, view.channels, 1.0), _vector(bias, view.channels, 0.0)
     buffers = (_NO_BUFFER, _NO_BUFFER) if running is None else (_buffer(running[0]), _buffer(running[1]))
     m = -1.0 if momentum is None or not batch_stats or running is None else momentum     # < 0: no update
@@ -106,8 +112,9 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
 
     if batch_stats and view.fused and backend == "cpu" and x.size:
         mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
-        _cpu.normalize_lanes(x3.reshape(view.stats3), view.mode, view.group_size, eps, rms, w, b, mean, m2, rstd,
-                             y3.reshape(view.stats3))
+        same = view.stats3 == view.shape3           # layer/instance norm: the statistics view is x3
+        _cpu.normalize_lanes(x3 if same else x3.reshape(view.stats3), view.mode, view.group_size, eps, rms, w, b,
+                             mean, m2, rstd, y3 if same else y3.reshape(view.stats3))
         if m >= 0:        # instance norm with running buffers
             update_running(*buffers, mean, m2, n, m)
     elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
