@@ -1,0 +1,144 @@
+"""Reuse of large output buffers (``_plan.new_array``): a buffer is handed out again only when no array
+refers to it, results stay correct, and threads never share one.
+
+Most tests lower ``REUSE_MIN_BYTES`` so that small inputs take the large-output path; one runs at the
+real threshold (32 MiB).
+"""
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+import fastnorm
+from cases import assert_close, tol_for
+from fastnorm import _plan, reference
+
+
+@pytest.fixture
+def small_threshold(monkeypatch):
+    """Outputs of ≥ 4 KiB count as large; the kept buffers start empty and are dropped afterwards."""
+    monkeypatch.setattr(_plan, "REUSE_MIN_BYTES", 4096)
+    monkeypatch.setattr(_plan, "_reusable", [])
+    yield
+    gc.collect()
+
+
+def _ln(x):
+    return fastnorm.layer_norm(x, x.shape[-1:])
+
+
+def _owner(a):
+    return a if a.base is None else a.base
+
+
+def test_a_dropped_output_is_reused_and_overwritten(small_threshold, rng):
+    x1, x2 = rng.standard_normal((2, 64, 64)).astype(np.float32)
+    y1 = _ln(x1)
+    assert any(_owner(y1) is b for b in _plan._reusable), "a large output is kept for reuse"
+    address = y1.__array_interface__["data"][0]
+    del y1
+    y2 = _ln(x2)
+    assert y2.__array_interface__["data"][0] == address, "the free buffer was handed out again"
+    assert_close(y2, reference.layer_norm(x2, (64,)))
+
+
+@pytest.mark.parametrize("keep", ["result", "slice", "transpose", "memoryview", "array_from_buffer",
+                                  "backward_dx"])
+def test_a_buffer_still_referenced_is_never_handed_out(small_threshold, rng, keep):
+    """Whatever still refers to the first result keeps its buffer out of reuse, and its values intact."""
+    x1, x2 = rng.standard_normal((2, 64, 64)).astype(np.float32)
+    y1, ctx = fastnorm.layer_norm_forward(x1, (64,))
+    expected = y1.copy()
+    held = {"result": lambda: y1, "slice": lambda: y1[::2], "transpose": lambda: y1.T,
+            "memoryview": lambda: memoryview(y1), "array_from_buffer": lambda: np.frombuffer(y1, np.float32),
+            "backward_dx": lambda: fastnorm.layer_norm_backward(np.ones_like(y1), ctx)[0]}[keep]()
+    if keep != "result":
+        del y1
+    for _ in range(3):
+        y2 = _ln(x2)
+        assert_close(y2, reference.layer_norm(x2, (64,)))
+        assert not np.shares_memory(y2, np.asarray(held)), f"a buffer still referenced by a {keep} was reused"
+    if keep in ("result", "slice", "transpose", "memoryview", "array_from_buffer"):
+        seen = np.asarray(held).reshape(-1)
+        want = {"slice": expected[::2], "transpose": expected.T}.get(keep, expected).reshape(-1)
+        np.testing.assert_array_equal(seen, want)
+
+
+def test_backward_and_forward_outputs_are_distinct(small_threshold, rng):
+    """A training step holds y, then makes dx: they never share a buffer."""
+    x, dy = rng.standard_normal((2, 8, 16, 8, 8)).astype(np.float32)
+    rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
+    y, ctx = fastnorm.batch_norm_forward(x, rm, rv, training=True)
+    dx, _, _ = fastnorm.batch_norm_backward(dy, ctx)
+    assert not np.shares_memory(y, dx)
+    rm_ref, rv_ref = np.zeros(16, np.float32), np.ones(16, np.float32)
+    y_ref, ctx_ref = reference.batch_norm_forward(x, rm_ref, rv_ref, training=True)
+    assert_close(y, y_ref)
+    assert_close(dx, reference.batch_norm_backward(dy, ctx_ref)[0])
+
+
+def test_at_most_the_slots_are_kept_and_busy_buffers_are_not_evicted(small_threshold, rng):
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    held = [_ln(x) for _ in range(_plan.REUSE_SLOTS + 3)]          # all alive: none can be reused
+    assert len(_plan._reusable) == _plan.REUSE_SLOTS
+    owners = [_owner(h) for h in held]
+    assert len({id(o) for o in owners}) == len(held), "every live output has its own buffer"
+    kept = [b for b in _plan._reusable]
+    assert all(any(k is o for o in owners[:_plan.REUSE_SLOTS]) for k in kept)
+    del held, owners, kept
+
+
+def test_small_outputs_are_plain_arrays(rng):
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    before = list(_plan._reusable)
+    y = _ln(x)
+    assert y.base is None or y.base.nbytes < _plan.REUSE_MIN_BYTES
+    assert [id(b) for b in _plan._reusable] == [id(b) for b in before]
+
+
+def test_threads_never_share_a_buffer(small_threshold, rng):
+    """4 threads × 40 calls, each holding its last two results: no two live results overlap, and
+    every result is right."""
+    inputs = [rng.standard_normal((32, 64)).astype(np.float32) + k for k in range(4)]
+    expected = [reference.layer_norm(x, (64,)) for x in inputs]
+    live, errors, lock = [], [], threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def worker(k):
+        barrier.wait()
+        mine = []
+        for _ in range(40):
+            y = _ln(inputs[k])
+            with lock:
+                for other in live:
+                    if np.shares_memory(y, other):
+                        errors.append("two live results share a buffer")
+                live.append(y)
+            mine.append(y)
+            if len(mine) > 2:
+                old = mine.pop(0)
+                with lock:
+                    live[:] = [a for a in live if a is not old]
+                del old
+            if np.abs(y - expected[k]).max() > tol_for(np.float32).atol + tol_for(np.float32).rtol * 4:
+                errors.append("wrong result")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_real_threshold_reuse(rng):
+    """At the real 32 MiB threshold: the second output reuses the first one's buffer once it is dropped."""
+    gc.collect()
+    x = rng.standard_normal((8192, 1024), dtype=np.float32)       # 32 MiB
+    y = _ln(x)
+    address = y.__array_interface__["data"][0]
+    del y
+    y = _ln(x)
+    assert y.__array_interface__["data"][0] == address
+    assert_close(y[:64], reference.layer_norm(x[:64], (1024,)))
