@@ -144,8 +144,11 @@ class Case:
             self._warmed.add(mode)
 
     def bandwidth(self, budget=0.1, max_calls=1000):
-        """GB/s of the training forward, counting the minimal traffic: 3 × input bytes (read x for the
-        statistics, read x and write y to normalize), over the best call of a ``budget``-second loop."""
+        """GB/s of the training forward over the best call of a ``budget``-second loop, counting 3 ×
+        input bytes for every op (read x for the statistics, read x and write y to normalize): one fixed
+        definition, so the figure compares across commits.  Where fastnorm fuses a per-sample group's
+        passes (layer/RMS/instance norm, channels-first group norm) it moves 2 ×, so this reads 1.5 ×
+        its real bandwidth; ``python -m fastnorm bench`` counts the plan's own traffic."""
         best = math.inf
         start = time.perf_counter()
         for calls in range(1, max_calls + 1):
