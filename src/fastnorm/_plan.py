@@ -24,6 +24,7 @@ transposed view, as PyTorch's ``channels_last``) is used as it lies.  Only an ar
 gets one contiguous copy.
 """
 import math
+import os
 import sys
 import threading
 from functools import lru_cache
@@ -89,12 +90,23 @@ REUSE_MIN_BYTES = 32 << 20
 REUSE_SLOTS = 4
 _reusable = []                      # uint8 buffers, each referenced only from here when free
 _reuse_lock = threading.Lock()
+
+
 def _free_refs():
     probe = [np.empty(0, np.uint8)]
     return sys.getrefcount(probe[0])         # the list's reference and getrefcount's argument
 
 
 _FREE = _free_refs()
+
+
+def _after_fork():
+    """A child forked while another thread held the lock would wait on it forever."""
+    global _reuse_lock
+    _reuse_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_array(shape, dtype):
