@@ -93,10 +93,12 @@ def _serial_if_small(parallel):
     return launch
 
 
-# The fused kernels walk many small groups (layer-norm rows of 8) as rows of a flat 2-D view, in
-# prange blocks of whole groups of ~BLOCK elements: splitting a flat index into (p, g) costs ~11 ns per
-# group (Numba's signed floor division), as much as normalizing a whole 8-element row (measured 24 vs
+# The fused kernels walk many small groups (layer-norm rows of 8) in prange blocks of whole groups of
+# ~BLOCK elements, splitting the flat index into (p, g) once per block: per group that division costs
+# ~11 ns (Numba's signed floor division), as much as normalizing a whole 8-element row (measured 24 vs
 # 12.8 ns per row on (256, 8)).  A block holds whole groups, so results do not depend on the blocking.
+# No kernel reshapes: Numba's tuple reshape is a helper in numba.np.arrayobj, whose environment made
+# a warm process import that module and 12 more on its first call (+50 ms).
 BLOCK = 4096
 
 
@@ -308,27 +310,31 @@ def normalize_lanes(x3, mode, cg, eps, rms, weight, bias, mean, m2, rstd, y3):
     """
     P, G, L = x3.shape
     S = L // cg
-    x2, y2 = x3.reshape(P * G, L), y3.reshape(P * G, L)          # group i = p·G + g
-    mean1, m21, rstd1 = mean.reshape(P * G), m2.reshape(P * G), rstd.reshape(P * G)
     per = _groups_per_block(L)
     blocks = -(-(P * G) // per)
     # One loop per weight layout: a second branch inside the group loop cost ~10 ns per group, a third
-    # of an 8-element layer-norm row (measured 24.6 vs 16.7 ns per row on (256, 8)).
-    if mode == ROW:               # layer/RMS norm: one group per row, weight and bias per element
+    # of an 8-element layer-norm row (measured 24.6 vs 16.7 ns per row on (256, 8)).  (p, g) is split
+    # from the flat index once per block (see BLOCK), then counted.
+    if mode == ROW:               # layer/RMS norm: (1, rows, D), one group per row, weight per element
+        x2, y2, mean1, m21, rstd1 = x3[0], y3[0], mean[0], m2[0], rstd[0]
         for blk in prange(blocks):
-            for i in range(blk * per, min(blk * per + per, P * G)):
+            for i in range(blk * per, min(blk * per + per, G)):
                 mean1[i], m21[i], rstd1[i] = _group_stats(x2[i], eps, rms)
                 _scale_weight(x2[i], y2[i], mean1[i], rstd1[i], weight, bias)
     else:                         # instance/group norm: cg channels of S elements, weight per channel
         for blk in prange(blocks):
-            for i in range(blk * per, min(blk * per + per, P * G)):
-                v, o = x2[i], y2[i]
+            p, g = divmod(blk * per, G)
+            for _ in range(blk * per, min(blk * per + per, P * G)):
+                v, o = x3[p, g], y3[p, g]
                 mu, ss, r = _group_stats(v, eps, rms)
-                mean1[i], m21[i], rstd1[i] = mu, ss, r
-                c0 = (i % G) * cg
+                mean[p, g], m2[p, g], rstd[p, g] = mu, ss, r
                 for j in range(cg):
-                    _scale_shift(v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], mu, r * weight[c0 + j],
-                                 bias[c0 + j])
+                    c = g * cg + j
+                    _scale_shift(v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], mu, r * weight[c], bias[c])
+                g += 1
+                if g == G:
+                    g = 0
+                    p += 1
 
 
 @_serial_if_small
@@ -411,27 +417,29 @@ def backward_lanes(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     P, G, L = x3.shape
     if mode == LANE:
         S = L // cg
-        d2, x2, o2 = dy3.reshape(P * G, L), x3.reshape(P * G, L), dx3.reshape(P * G, L)   # group i = p·G + g
-        mean1, rstd1 = mean.reshape(P * G), rstd.reshape(P * G)
-        s1c, s2c = sum_dy.reshape(P * G * cg), sum_dyx.reshape(P * G * cg)      # channel c of p: i·cg + j
         per = _groups_per_block(L)
         for blk in prange(-(-(P * G) // per)):
-            for i in range(blk * per, min(blk * per + per, P * G)):
-                d, v, o = d2[i], x2[i], o2[i]
-                m0, r0 = mean1[i], rstd1[i]
-                c0 = (i % G) * cg
+            p, g = divmod(blk * per, G)
+            for _ in range(blk * per, min(blk * per + per, P * G)):
+                d, v, o = dy3[p, g], x3[p, g], dx3[p, g]
+                m0, r0 = mean[p, g], rstd[p, g]
                 sg = 0.0
                 sgx = 0.0
                 for j in range(cg):
+                    c = g * cg + j
                     s1, s2 = _lane_sums(d[j * S:(j + 1) * S], v[j * S:(j + 1) * S], m0)
-                    s1c[i * cg + j] = s1
-                    s2c[i * cg + j] = s2 * r0
-                    sg += s1 * weight[c0 + j]
-                    sgx += s2 * r0 * weight[c0 + j]
+                    sum_dy[p, c] = s1
+                    sum_dyx[p, c] = s2 * r0
+                    sg += s1 * weight[c]
+                    sgx += s2 * r0 * weight[c]
                 B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
                 for j in range(cg):
-                    _dx_lane(d[j * S:(j + 1) * S], v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], r0 * weight[c0 + j],
-                             B, C)
+                    c = g * cg + j
+                    _dx_lane(d[j * S:(j + 1) * S], v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], r0 * weight[c], B, C)
+                g += 1
+                if g == G:
+                    g = 0
+                    p += 1
     else:
         K = pa.shape[1]
         for it in prange(P * K):
@@ -486,19 +494,21 @@ def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
 # A (4, 8, 8, 8) batch norm computes for ~2 µs; driving moments → coefficients → normalize from Python
 # costs ~10 µs more (three dispatches, eight small allocations, the glue).  These drivers make the same
 # calls, in the same order, from compiled code: one dispatch per op call.  Serial builds only, so a
-# small input never compiles a parallel kernel (~5 s each, cold).
+# small input never compiles a parallel kernel (~5 s each, cold).  Like the kernels they allocate
+# nothing (an array allocated in compiled code made the cached driver import numba.np.arrayobj and 12
+# more modules on its first call, +70 ms): the caller passes the work arrays stacked, one allocation
+# per shape, and the driver takes them apart by their first index.
 
 _moments_serial, _normalize_serial = moments.serial, normalize.serial
 _reduce_serial, _apply_serial = backward_reduce.serial, backward_apply.serial
 
 
 @njit(inline="always")
-def _per_channel(a, cg):
-    """(P, G) per-group values → (P, G·cg) per channel (the kernels' coefficient layout)."""
+def _per_channel(a, cg, out):
+    """(P, G) per-group values → (P, G·cg) per channel (the kernels' coefficient layout), in ``out``."""
     if cg == 1:
         return a
     P, G = a.shape
-    out = np.empty((P, G * cg))
     for p in range(P):
         for c in range(G * cg):
             out[p, c] = a[p, c // cg]
@@ -506,51 +516,43 @@ def _per_channel(a, cg):
 
 
 @njit(**dict(_JIT, parallel=False))
-def forward_small(x3, xs3, lane, cg, chunk, parts, mode, group_size, n, eps, rms, batch_stats, running_mean,
-                  running_var, momentum, renorm, rmax, dmax, weight, bias, mean, rstd, k, d, y3):
+def forward_small(x3, xs3, lane, cg, chunk, mode, group_size, n, eps, rms, batch_stats, running_mean, running_var,
+                  momentum, renorm, rmax, dmax, weight, bias, mean, rstd, k, d, m2, coef, partials, y3):
     """``moments`` → ``forward_coefficients`` → ``normalize`` in one call.
 
     Arguments as the three steps take them (``functional._forward`` passes the plan's fields): xs3 is
     the statistics view of x3; mean/rstd ``(P, G)`` (``(1, C)`` when batch_stats is False: the running
-    buffers normalize) and, for batch renorm, k/d ``(1, C)`` are outputs.  The caller allocates every
-    output: returning an array from compiled code costs ~0.4 µs, allocating it in Python ~0.2 µs.
+    buffers normalize) and, for batch renorm, k/d ``(1, C)`` are outputs.  Work: m2 ``(P, G)``, coef
+    ``(3, P, C)`` (mean, scale, shift per channel; ``(3, 1, 1)`` for layer/RMS norm), partials
+    ``(2, *plan.parts)`` (the moments partials; unused in eval).
     """
-    P, G = mean.shape
-    C = weight.size
-    m2 = np.zeros((P, G))
     if batch_stats:
-        _moments_serial(xs3, lane, cg, chunk, np.empty(parts), np.empty(parts), mean, m2)
+        _moments_serial(xs3, lane, cg, chunk, partials[0], partials[1], mean, m2)
     expand = mode != ROW
-    coef = (P, C) if expand else (1, 1)
-    mean_c, scale, shift = np.empty(coef), np.empty(coef), np.empty(coef)
     forward_coefficients(mean, m2, n, eps, rms, batch_stats, running_mean, running_var, momentum, renorm, rmax,
-                         dmax, weight, bias, group_size, expand, rstd, k, d, mean_c, scale, shift)
+                         dmax, weight, bias, group_size, expand, rstd, k, d, coef[0], coef[1], coef[2])
     if expand:
-        _normalize_serial(x3, mode, mean_c, scale, shift, weight, bias, y3)
+        _normalize_serial(x3, mode, coef[0], coef[1], coef[2], weight, bias, y3)
     else:
         _normalize_serial(x3, mode, mean, rstd, rstd, weight, bias, y3)
 
 
 @njit(**dict(_JIT, parallel=False))
-def backward_small(dy3, x3, mode, rchunk, rparts, sums_shape, group_size, n, rms, batch_stats, mean, rstd, k, d,
-                   renorm, weight, dweight, dbias, dx3):
+def backward_small(dy3, x3, mode, rchunk, group_size, n, rms, batch_stats, mean, rstd, k, d, renorm, weight,
+                   dweight, dbias, sums, partials, rows, coef, wide, dx3):
     """``backward_reduce`` → ``backward_coefficients`` → ``backward_apply`` in one call; dweight/dbias
-    (float64 vectors) and dx3 are outputs.  sums_shape: (P, X) of Σdy and Σdy·x̂ (P = N for per-sample
-    training, else 1)."""
-    P, G = rstd.shape
-    X = weight.size
-    sum_dy = np.zeros(sums_shape)
-    sum_dyx = np.zeros(sums_shape)
+    (float64 vectors) and dx3 are outputs.  Work: sums ``(2, P, X)`` (Σdy and Σdy·x̂; P = N for
+    per-sample training, else 1), partials ``(2, *plan.rparts)``, rows ``(2, P, G)`` (layer/RMS norm's
+    per-row sums; ``(2, 1, 1)`` otherwise), coef ``(3, P, X)`` or ``(3, P, G)`` (A, B, C), wide
+    ``(2, P, C)`` (mean and rstd per channel when group_size > 1; ``(2, 0, 0)`` otherwise).
+    """
     expand = mode != ROW
-    rows = (1, 1) if expand else (P, G)
-    row_g, row_gx = np.empty(rows), np.empty(rows)
-    _reduce_serial(dy3, x3, mode, rchunk, _per_channel(mean, group_size), _per_channel(rstd, group_size), weight,
-                   np.empty(rparts), np.empty(rparts), sum_dy, sum_dyx, row_g, row_gx)
-    coef = (P, X) if expand else (P, G)
-    ca, cb, cc = np.empty(coef), np.empty(coef), np.empty(coef)
-    backward_coefficients(sum_dy, sum_dyx, weight, mean, rstd, k, d, renorm, n, rms, batch_stats, group_size, expand,
-                          row_g, row_gx, dweight, dbias, ca, cb, cc)
-    _apply_serial(dy3, x3, mode, ca, cb, cc, weight, dx3)
+    _reduce_serial(dy3, x3, mode, rchunk, _per_channel(mean, group_size, wide[0]),
+                   _per_channel(rstd, group_size, wide[1]), weight, partials[0], partials[1], sums[0], sums[1],
+                   rows[0], rows[1])
+    backward_coefficients(sums[0], sums[1], weight, mean, rstd, k, d, renorm, n, rms, batch_stats, group_size, expand,
+                          rows[0], rows[1], dweight, dbias, coef[0], coef[1], coef[2])
+    _apply_serial(dy3, x3, mode, coef[0], coef[1], coef[2], weight, dx3)
 
 
 _cached(forward_small)

@@ -119,11 +119,12 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
             update_running(*buffers, mean, m2, n, m)
     elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
         stats_shape = view.stats_shape if batch_stats else (1, view.channels)
-        mean, rstd = np.empty(stats_shape), np.empty(stats_shape)
+        mean, rstd, m2 = np.empty(stats_shape), np.empty(stats_shape), np.empty(stats_shape)
         k, d = (np.ones((1, view.channels)), np.zeros((1, view.channels))) if renorm is not None else (_ONE, _ONE)
-        _cpu.forward_small(x3, x3.reshape(view.stats3), view.lane, view.cg, view.chunk, view.parts, view.mode,
-                           view.group_size, n, eps, rms, batch_stats, *buffers, m, renorm is not None, rmax, dmax,
-                           w, b, mean, rstd, k, d, y3)
+        coef = (3, stats_shape[0], view.channels) if view.mode != _cpu.ROW else (3, 1, 1)
+        _cpu.forward_small(x3, x3.reshape(view.stats3), view.lane, view.cg, view.chunk, view.mode, view.group_size,
+                           n, eps, rms, batch_stats, *buffers, m, renorm is not None, rmax, dmax, w, b, mean, rstd,
+                           k, d, m2, np.empty(coef), np.empty((2,) + view.parts if batch_stats else (2, 0, 0, 0)), y3)
     else:
         if batch_stats:
             mean, m2 = _moments(view, x3)
@@ -241,8 +242,12 @@ def _backward(grad_output, ctx):
         dbias, dweight = (sum_dy[0], sum_dyx[0]) if sums_shape[0] == 1 else (sum_dy.sum(0), sum_dyx.sum(0))
     elif ctx.backend == "cpu" and ctx.sync is None and 0 < x3.size < _cpu.SERIAL_BELOW:
         dweight, dbias = np.empty(X), np.empty(X)
-        _cpu.backward_small(dy3, x3, view.mode, view.rchunk, view.rparts, sums_shape, view.group_size, ctx.n,
-                            ctx.rms, ctx.batch_stats, ctx.mean, ctx.rstd, k, d, renorm, ctx.w, dweight, dbias, dx3)
+        P, G = ctx.rstd.shape
+        _cpu.backward_small(dy3, x3, view.mode, view.rchunk, view.group_size, ctx.n, ctx.rms, ctx.batch_stats,
+                            ctx.mean, ctx.rstd, k, d, renorm, ctx.w, dweight, dbias, np.empty((2,) + sums_shape),
+                            np.empty((2,) + view.rparts), np.empty((2, 1, 1) if expand else (2, P, G)),
+                            np.empty((3, P, X) if expand else (3, P, G)),
+                            np.empty((2, P, X) if view.group_size > 1 else (2, 0, 0)), dx3)
     else:
         sum_dy, sum_dyx = np.zeros(sums_shape), np.zeros(sums_shape)
         row_g = row_gx = _ONE
