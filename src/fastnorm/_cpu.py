@@ -178,6 +178,18 @@ def _row_sums(d, v, m0, r0, weight, a, b):
 
 
 @njit(inline="always")
+def _row_block(it, K, pa, pb):
+    """Block ``it`` of a walk over row chunks: its (p, k) and its column partials pa/pb[p, k], zeroed."""
+    p = it // K
+    k = it % K
+    a = pa[p, k]
+    b = pb[p, k]
+    a[:] = 0.0
+    b[:] = 0.0
+    return p, k, a, b
+
+
+@njit(inline="always")
 def _column_parts(pa, pb, p0, p1, j):
     """Σ over p in [p0, p1) and every chunk k of the column partials pa/pb[p, k, j], in fixed order."""
     s1 = 0.0
@@ -365,13 +377,8 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
     else:
         K = pa.shape[1]
         for it in prange(P * K):
-            p = it // K
-            k = it % K
+            p, k, a, b = _row_block(it, K, pa, pb)
             pc = 0 if bc else p
-            a = pa[p, k]
-            b = pb[p, k]
-            a[:] = 0.0
-            b[:] = 0.0
             for q in range(k * chunk, min((k + 1) * chunk, Q)):
                 d = dy3[p, q]
                 v = x3[p, q]
@@ -443,12 +450,7 @@ def backward_lanes(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     else:
         K = pa.shape[1]
         for it in prange(P * K):
-            p = it // K
-            k = it % K
-            a = pa[p, k]
-            b = pb[p, k]
-            a[:] = 0.0
-            b[:] = 0.0
+            p, k, a, b = _row_block(it, K, pa, pb)
             for q in range(k * chunk, min((k + 1) * chunk, G)):
                 m0 = mean[p, q]
                 r0 = rstd[p, q]
