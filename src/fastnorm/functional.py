@@ -34,7 +34,7 @@ _ONE = np.ones((1, 1))      # placeholder for kernel arguments a mode does not r
 # the coefficient algebra and the small-input drivers compile once per dtype, not twice (~1.5 s cold)
 _NO_BUFFER = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
 _KERNEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+_F64 = np.dtype(np.float64)
 
 
 class Context:
@@ -97,21 +97,18 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     if backend == "cuda":               # the per-group algebra runs on host copies of the small arrays
         weight, bias, device_running = K.to_host(weight), K.to_host(bias), running
         running = None if running is None else (K.to_host(running[0]), K.to_host(running[1]))
-    cdtype = x.dtype if x.dtype != _F16 else _F32
+    cdtype = compute_dtype(x.dtype)
     x3 = view.to3(x, cdtype)
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
-    if out is None and backend == "cpu" and cdtype is x.dtype:        # the common case, inline: ~0.3 µs
-        y3 = _plan.new_array(view.shape3, cdtype)
-        y, temporary = view.from3(y3), False
-    else:
-        y, y3, temporary = _output(view, out, x.dtype, cdtype, backend)
+    y, y3, temporary = _output(view, out, x.dtype, cdtype, backend)
     w, b = _vector(weight, view.channels, 1.0), _vector(bias, view.channels, 0.0)
     none = _NO_BUFFER[cdtype]
     buffers = (none, none) if running is None else (_buffer(running[0]), _buffer(running[1]))
     m = -1.0 if momentum is None or not batch_stats or running is None else momentum     # < 0: no update
     rmax, dmax = (0.0, 0.0) if renorm is None else renorm
-    k = d = None
+    # batch renorm's r and d, written by the coefficient algebra (read only when renorm is given)
+    k, d = (_ONE, _ONE) if renorm is None else (np.ones((1, view.channels)), np.zeros((1, view.channels)))
 
     if batch_stats and view.fused and backend == "cpu" and x.size:
         mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
@@ -123,7 +120,6 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
         stats_shape = view.stats_shape if batch_stats else (1, view.channels)
         mean, rstd, m2 = np.empty(stats_shape), np.empty(stats_shape), np.empty(stats_shape)
-        k, d = (np.ones((1, view.channels)), np.zeros((1, view.channels))) if renorm is not None else (_ONE, _ONE)
         coef = (3, stats_shape[0], view.channels) if view.mode != _cpu.ROW else (3, 1, 1)
         _cpu.forward_small(x3, x3.reshape(view.stats3), view.lane, view.cg, view.chunk, view.mode, view.group_size,
                            n, eps, rms, batch_stats, *buffers, m, renorm is not None, rmax, dmax, w, b, mean, rstd,
@@ -138,7 +134,6 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
         else:
             mean = m2 = np.empty((1, view.channels))
         rstd = np.empty(mean.shape)
-        k, d = np.ones((1, view.channels)), np.zeros((1, view.channels))
         expand = view.mode != _cpu.ROW
         coef = (mean.shape[0], view.channels) if expand else (1, 1)
         mean_c, scale, shift = np.empty(coef), np.empty(coef), np.empty(coef)
@@ -151,7 +146,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
                 K.normalize(x3, view.mode, mean, rstd, rstd, w, b, y3)
     _finish(view, y, y3, temporary)
     if renorm is None:
-        k = d = None
+        k = d = None        # the context's "no batch renorm"
 
     if m >= 0:
         for buf, new in zip(running, buffers):
@@ -173,8 +168,9 @@ def _output(view, out, dtype, cdtype, backend):
     """(result, out3, temporary): the array an op returns and the (P, Q, L) array its kernels write.
     out3 is a view of result — a new array laid out like the plan, or the user's ``out`` where it can be
     viewed so — or else a temporary (another layout, or float16) that ``_finish`` copies into result."""
-    if out is None and dtype == cdtype:
-        return view.new3(dtype, backend) + (False,)
+    if out is None and dtype == cdtype:              # the common case: a new array in the kernels' layout
+        result, out3 = view.new3(dtype, backend)
+        return result, out3, False
     result = view.empty(dtype, backend) if out is None else out
     out3 = view.view3(result) if result.dtype == cdtype else None
     if out3 is None:
@@ -409,7 +405,8 @@ def _normalized(input, normalized_shape):
     check_input(input)
     if type(normalized_shape) is tuple and len(normalized_shape) == 1:      # the common call, fast
         normalized_shape = normalized_shape[0]
-    if type(normalized_shape) is int and type(input) is np.ndarray and input.ndim and input.shape[-1] == normalized_shape:
+    if (type(normalized_shape) is int and type(input) is np.ndarray and input.ndim
+            and input.shape[-1] == normalized_shape):
         return (normalized_shape,)
     shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
     if not shape or any(not isinstance(s, (int, np.integer)) for s in shape):
