@@ -288,22 +288,27 @@ def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
     """
     P, Q, L = x3.shape
     bc = mean.shape[0] == 1
-    for it in prange(P * Q):
-        p = it // Q
-        q = it % Q
-        pc = 0 if bc else p
-        v = x3[p, q]
-        o = y3[p, q]
-        if mode == COLUMN:
-            m = mean[pc]
-            s = scale[pc]
-            t = shift[pc]
-            for l in range(L):
-                o[l] = (v[l] - m[l]) * s[l] + t[l]
-        elif mode == LANE:
-            _scale_shift(v, o, mean[pc, q], scale[pc, q], shift[pc, q])
-        else:
-            _scale_weight(v, o, mean[pc, q], scale[pc, q], weight, bias)
+    per = _groups_per_block(L)
+    for blk in prange(-(-(P * Q) // per)):
+        p, q = divmod(blk * per, Q)
+        for _ in range(blk * per, min(blk * per + per, P * Q)):
+            pc = 0 if bc else p
+            v = x3[p, q]
+            o = y3[p, q]
+            if mode == COLUMN:
+                m = mean[pc]
+                s = scale[pc]
+                t = shift[pc]
+                for l in range(L):
+                    o[l] = (v[l] - m[l]) * s[l] + t[l]
+            elif mode == LANE:
+                _scale_shift(v, o, mean[pc, q], scale[pc, q], shift[pc, q])
+            else:
+                _scale_weight(v, o, mean[pc, q], scale[pc, q], weight, bias)
+            q += 1
+            if q == Q:
+                q = 0
+                p += 1
 
 
 @_serial_if_small
@@ -472,23 +477,28 @@ def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
     """
     P, Q, L = x3.shape
     bc = ca.shape[0] == 1
-    for it in prange(P * Q):
-        p = it // Q
-        q = it % Q
-        pc = 0 if bc else p
-        d = dy3[p, q]
-        v = x3[p, q]
-        o = dx3[p, q]
-        if mode == COLUMN:
-            a = ca[pc]
-            b = cb[pc]
-            c = cc[pc]
-            for l in range(L):
-                o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
-        elif mode == LANE:
-            _dx_lane(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q])
-        else:
-            _dx_row(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)
+    per = _groups_per_block(L)
+    for blk in prange(-(-(P * Q) // per)):
+        p, q = divmod(blk * per, Q)
+        for _ in range(blk * per, min(blk * per + per, P * Q)):
+            pc = 0 if bc else p
+            d = dy3[p, q]
+            v = x3[p, q]
+            o = dx3[p, q]
+            if mode == COLUMN:
+                a = ca[pc]
+                b = cb[pc]
+                c = cc[pc]
+                for l in range(L):
+                    o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
+            elif mode == LANE:
+                _dx_lane(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+            else:
+                _dx_row(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)
+            q += 1
+            if q == Q:
+                q = 0
+                p += 1
 
 
 # ---------------------------------------------------------------- whole calls for small inputs
