@@ -177,10 +177,10 @@ def _stream(typingctx, dst, off, src, n):
 
 @intrinsic
 def _fence(typingctx):
-    """sfence: this thread's non-temporal stores are visible before anything it stores after."""
+    """A full fence: this thread's non-temporal stores (weakly ordered) are visible before anything it
+    does after, such as signalling the end of its share of a prange.  Portable LLVM (mfence on x86)."""
     def codegen(context, builder, sig, args):
-        fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
-        builder.call(fn, [])
+        builder.fence("seq_cst")
         return context.get_dummy_value()
     return nbtypes.void(), codegen
 
