@@ -25,6 +25,7 @@ serially in a fixed order.  ``NUMBA_NUM_THREADS=1`` and ``=2`` therefore give bi
 
 Kernels never allocate and never validate: ``_plan.py`` does both, once.
 """
+import platform
 import types
 
 import numpy as np
@@ -175,12 +176,21 @@ def _stream(typingctx, dst, off, src, n):
     return nbtypes.void(dst, off, src, n), codegen
 
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 @intrinsic
 def _fence(typingctx):
-    """A full fence: this thread's non-temporal stores (weakly ordered) are visible before anything it
-    does after, such as signalling the end of its share of a prange.  Portable LLVM (mfence on x86)."""
+    """This thread's non-temporal stores (weakly ordered) are visible before anything it does after,
+    such as signalling the end of its share of a prange.  x86: sfence, as glibc's memcpy after its
+    streaming loop (LLVM's ``fence seq_cst`` is a locked add there, not documented to drain them);
+    elsewhere the portable fence."""
     def codegen(context, builder, sig, args):
-        builder.fence("seq_cst")
+        if _X86:
+            fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
         return context.get_dummy_value()
     return nbtypes.void(), codegen
 
