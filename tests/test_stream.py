@@ -77,3 +77,17 @@ def test_large_outputs_stream_and_small_ones_do_not(monkeypatch):
     fastnorm.layer_norm(x[:63], (256,))                  # one row less: plain
     fastnorm.instance_norm(np.ones((64, 4, 256), np.float32))   # not a row layout: never streams
     assert seen == [True, False, False]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_into_an_out_not_aligned_to_its_item_size(monkeypatch, rng, dtype):
+    """np.frombuffer at an odd byte offset gives an array no element of which is 32-byte aligned: the
+    streamed path must fall back to plain stores there, not fault on an aligned vector store."""
+    shape = (_rows(1000, True), 1000)
+    x = rng.standard_normal(shape).astype(dtype)
+    plain = fastnorm.layer_norm(x, (1000,))
+    monkeypatch.setattr(_cpu, "STREAM_MIN_BYTES", 0)
+    out = np.frombuffer(bytearray(x.nbytes + 1), dtype, offset=1).reshape(shape)
+    assert not out.flags.aligned and out.flags.writeable
+    assert fastnorm.layer_norm(x, (1000,), out=out) is out
+    np.testing.assert_array_equal(out, plain)

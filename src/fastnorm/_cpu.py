@@ -157,6 +157,10 @@ def _stream(typingctx, dst, off, src, n):
         misalign = builder.and_(builder.ptrtoint(dbase, i64), c(31))
         head = builder.udiv(builder.and_(builder.sub(c(32), misalign), c(31)), c(isz))
         head = builder.select(builder.icmp_signed("<", count, head), count, head)
+        # an array not aligned to its item size (np.frombuffer at an odd offset) never reaches a 32-byte
+        # boundary element by element: all plain stores
+        unaligned = builder.icmp_unsigned("!=", builder.and_(misalign, c(isz - 1)), c(0))
+        head = builder.select(unaligned, count, head)
         with cgutils.for_range(builder, head) as loop:
             builder.store(builder.load(builder.gep(s.data, [loop.index])), builder.gep(dbase, [loop.index]))
         width = 32 // isz
