@@ -1,6 +1,7 @@
-"""Streaming (non-temporal) stores of layer/RMS norm's y and dx (``_cpu.STREAM_MIN_BYTES``): the streamed path
-writes exactly the values of the plain one, at any row length (shorter than, equal to and longer than
-the stack buffer ``_cpu.STAGE``), at any alignment of ``out``, and matches the float64 reference.
+"""Streaming (non-temporal) stores of layer/RMS norm's y and dx (``_cpu.STREAM_MIN_BYTES``): the
+streamed path writes exactly the values of the plain one, at any row length (shorter than, equal to
+and longer than the stack buffer ``_cpu.STAGE``), at any alignment of ``out``, and matches the float64
+reference.
 
 The tests lower the threshold to 0 so that small inputs stream; the parallel build is reached by
 inputs of at least ``_cpu.SERIAL_BELOW`` elements.
