@@ -121,6 +121,11 @@ STREAM_MIN_BYTES = 32 << 20
 STAGE = 2048          # elements of the per-thread stack buffer a row is staged in (8 or 16 KiB, in L1)
 
 
+def streams(mode, out3):
+    """Whether a fused row kernel writes ``out3`` with streaming stores (the ``stream`` argument)."""
+    return mode == ROW and out3.nbytes >= STREAM_MIN_BYTES
+
+
 @intrinsic
 def _stage(typingctx, like, n):
     """A 1-D C array of ``n`` (a literal) elements of ``like``'s dtype on the calling thread's stack."""
@@ -211,6 +216,15 @@ def _advance(p, q, Q):
     if q == Q:
         return p + 1, 0
     return p, q
+
+
+@njit(inline="always")
+def _advance3(p, q, k, Q, K):
+    """The next (p, q, k) of a row-major walk over (P, Q, K)."""
+    q, k = _advance(q, k, K)
+    if q == Q:
+        return p + 1, 0, k
+    return p, q, k
 
 
 # Lane formulas shared by the kernels below; inline='always' so they compile inside each kernel with
@@ -342,9 +356,7 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
             p, q = divmod(pq, Q)
             for _ in range(blk * per, min(blk * per + per, P * Q * K)):
                 pmean[p, q, k], pm2[p, q, k] = _lane_moments(x3[p, q, k * chunk:min((k + 1) * chunk, L)])
-                q, k = _advance(q, k, K)
-                if q == Q:
-                    p, q = p + 1, 0
+                p, q, k = _advance3(p, q, k, Q, K)
     else:
         K = pmean.shape[1]
         for it in prange(P * K):
@@ -494,9 +506,7 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
                 s1, s2 = _lane_sums(dy3[p, q, lo:hi], x3[p, q, lo:hi], mean[pc, q])
                 pa[p, q, k] = s1
                 pb[p, q, k] = s2 * rstd[pc, q]
-                q, k = _advance(q, k, K)
-                if q == Q:
-                    p, q = p + 1, 0
+                p, q, k = _advance3(p, q, k, Q, K)
     else:
         K = pa.shape[1]
         for it in prange(P * K):
