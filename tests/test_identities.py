@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import fastnorm
-from fastnorm import reference
-from cases import (MERGE_OFFSET, MERGE_OFFSET_TOL, MERGE_TOL, ROUNDING, TOL, arrange, assert_close)
+from fastnorm import _plan, reference
+from cases import (MERGE_OFFSET, MERGE_OFFSET_TOL, MERGE_TOL, ROUNDING, TOL, arrange, assert_bitwise, assert_close)
 
 DTYPES = [np.float16, np.float32, np.float64]
 
@@ -237,3 +237,47 @@ def test_moments_are_batch_norm_statistics(rng):
     fastnorm.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
     assert_close(running_mean, m.mean, tol=ROUNDING)
     assert_close(running_var, m.var(ddof=1), tol=ROUNDING)
+
+
+# ---------------------------------------------------------------- per-sample ops ≡ their samples one by one
+
+# Channels-last instance/group norm fuses the forward of a batch of ≥ FUSED_MIN_SAMPLES samples (one
+# sample per prange iteration, normalize_groups); fewer samples take moments → normalize.  A per-sample
+# op on x[:k] is the first k samples of the op on x, so the two routes must agree bit for bit.
+# (5, 3, 7, 12): below SERIAL_BELOW (serial builds); (4, 1001, 40): parallel, two chunks of rows, the
+# second of odd length (the two-row step's tail).
+@pytest.mark.parametrize("shape, groups", [((5, 3, 7, 12), 4), ((4, 1001, 40), 8), ((6, 2, 2, 3), 3)])
+@pytest.mark.parametrize("op", ["group_norm", "instance_norm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_channels_last_batch_is_its_samples(shape, groups, op, dtype, rng):
+    x = (rng.standard_normal(shape) * 2 + 100).astype(dtype)       # an offset: the mean must come first
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[-1]
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    kind = "group" if op == "group_norm" else "instance"
+    assert _plan.channel_view(x, x.ndim - 1, kind, groups if kind == "group" else None).fused
+    assert not _plan.channel_view(x[:3], x.ndim - 1, kind, groups if kind == "group" else None).fused
+
+    def run(a, d):
+        if op == "group_norm":
+            return _fwd_bwd(op, a, d, groups, w, b, axis=-1)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        return _fwd_bwd(op, a, d, rm, rv, w, b, use_input_stats=True, axis=-1) + (rm, rv)
+
+    whole, part = run(x, dy), run(x[:3], dy[:3])
+    assert_bitwise(whole[0][:3], part[0], "y")
+    assert_bitwise(whole[1][:3], part[1], "dx")
+    if op == "group_norm":
+        expected = reference.group_norm_forward(x, groups, w, b, axis=-1)[0]
+    else:                           # and the running statistics, updated from every sample's moments
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        expected = reference.instance_norm_forward(x, rm, rv, w, b, use_input_stats=True, axis=-1)[0]
+        assert_close(whole[4], rm, what="running_mean")
+        assert_close(whole[5], rv, what="running_var")
+    assert_close(whole[0], expected, what="y vs reference")
+
+
+def test_channels_last_samples_too_large_for_cache_are_not_fused():
+    S = _plan.FUSED_SAMPLE_BYTES // (4 * 8)               # rows of a float32 sample of 8 channels at the limit
+    assert _plan.channel_view(np.empty((_plan.FUSED_MIN_SAMPLES, S, 8), np.float32), 2, "group", 4).fused
+    assert not _plan.channel_view(np.empty((_plan.FUSED_MIN_SAMPLES, S + 1, 8), np.float32), 2, "group", 4).fused

@@ -120,6 +120,6 @@ def test_two_processes_on_a_cold_cache(tmp_path):
         _check_cold_result(o)
     warm = json.loads(_python(COLD_START.format(tests=TESTS_DIR, out=str(outs[2])), env=env))
     _check_cold_result(outs[2])
-    # batch norm: moments, forward_coefficients, normalize (parallel); small layer norm: normalize_lanes;
+    # batch norm: moments, forward_coefficients, normalize (parallel); small layer norm: normalize_groups;
     # tiny batch norm: forward_small, backward_small
     assert warm == {"used": 6, "hits": 6, "misses": 0, "registries_loaded": False, "arrayobj_loaded": False}

@@ -66,12 +66,12 @@ def test_streamed_backward_equals_plain_backward(monkeypatch, rng, dtype, width,
 def test_large_outputs_stream_and_small_ones_do_not(monkeypatch):
     """The threshold decides per call: record the ``stream`` flag the kernel receives."""
     seen = []
-    kernel = _cpu.normalize_lanes
+    kernel = _cpu.normalize_groups
 
     def spy(*args):
         seen.append(args[-1])
         return kernel(*args)
-    monkeypatch.setattr(_cpu, "normalize_lanes", spy)
+    monkeypatch.setattr(_cpu, "normalize_groups", spy)
     monkeypatch.setattr(_cpu, "STREAM_MIN_BYTES", 64 * 256 * 4)
     x = np.ones((64, 256), np.float32)
     fastnorm.layer_norm(x, (256,))                       # exactly the threshold: streams

@@ -8,9 +8,10 @@ Every norm is one of two reduction shapes over that view (``_plan.py`` picks the
   ``(N, H·W, C)``; batch norm flattens the batch into the rows, ``(1, N·H·W, C)``).
 
 The family: ``moments`` (per-group mean and M2), ``normalize`` (y from per-group coefficients),
-``backward_reduce`` (Σdy, Σdy·x̂), ``backward_apply`` (dx from coefficients); and, for per-sample lane
-groups that fit in cache (layer/RMS/instance norm, channels-first group norm), the same formulas fused
-group by group: ``normalize_lanes`` (2 passes over memory, not 3) and ``backward_lanes`` (3, not 5).
+``backward_reduce`` (Σdy, Σdy·x̂), ``backward_apply`` (dx from coefficients); and, for per-sample groups
+that fit in cache, the same formulas fused group by group: ``normalize_groups`` (2 passes over memory,
+not 3; lane groups of layer/RMS/instance norm and channels-first group norm, and the samples of
+channels-last instance/group norm) and ``backward_lanes`` (3, not 5; the lane groups).
 ``forward_small``/``backward_small`` run one whole forward/backward of an input below ``SERIAL_BELOW``
 in a single call: the serial builds of the kernels and the coefficient algebra of ``_math``, in order.
 
@@ -249,11 +250,62 @@ def _group_stats(v, eps, rms):
     """(mean, M2, rstd) of a group that fits in cache: rstd = 1/sqrt(M2/n + eps), or for RMS norm
     1/sqrt(M2/n + mean² + eps) with the mean reported as 0 (mean(x²) = σ² + μ²: no cancellation)."""
     mu, ss = _lane_moments(v)
-    var = ss / v.size
+    mu, r = _rstd(mu, ss, v.size, eps, rms)
+    return mu, ss, r
+
+
+@njit(inline="always")
+def _rstd(mu, ss, n, eps, rms):
+    """(reported mean, rstd) of a group of n elements with mean mu and M2 ss (see ``_group_stats``)."""
+    var = ss / n
     if rms:
         var += mu * mu
         mu = 0.0
-    return mu, ss, 1.0 / np.sqrt(var + eps)
+    return mu, 1.0 / np.sqrt(var + eps)
+
+
+@njit(inline="always")
+def _column_moments(x2, lo, hi, acc, sq):
+    """Per column of the rows x2[lo:hi]: acc = mean, sq = Σ(x − mean)², in two passes while the rows sit
+    in cache (a chunk: ~CHUNK elements)."""
+    L = acc.size
+    acc[:] = 0.0
+    sq[:] = 0.0
+    for q in range(lo, hi):
+        v = x2[q]
+        for l in range(L):
+            acc[l] += v[l]
+    inv = 1.0 / (hi - lo)
+    for l in range(L):
+        acc[l] *= inv
+    # the second pass reads the chunk from cache, two rows per step: sq is loaded and stored once per
+    # pair of rows — those loads and stores, not the arithmetic, bound it.  (The first pass reads
+    # memory; two rows per step there slowed (65536, 256) from 11 to 7 GB/s: the two 1 KiB row streams
+    # defeat the prefetcher.)  Column moments, 2 cores, float32: (100352, 64) 10.6 → 12.1 GB/s,
+    # (6272, 64) in cache 13.7 → 15.8, (65536, 256) 11.1 → 11.4.
+    for q in range(lo, hi - 1, 2):
+        v = x2[q]
+        w = x2[q + 1]
+        for l in range(L):
+            d = v[l] - acc[l]
+            e = w[l] - acc[l]
+            sq[l] += d * d + e * e
+    if (hi - lo) % 2:
+        v = x2[hi - 1]
+        for l in range(L):
+            d = v[l] - acc[l]
+            sq[l] += d * d
+
+
+@njit(inline="always")
+def _merge_columns(n, mu, M2, pmean, pm2, Q, chunk, l0, l1):
+    """(n, mu, M2) merged (Chan) with the chunk partials pmean/pm2 ``(K, L)`` of columns l0 … l1 − 1 of
+    Q rows, chunk by chunk, column by column: the one fixed order of every column group."""
+    for k in range(pmean.shape[0]):
+        rows = min(chunk, Q - k * chunk)
+        for l in range(l0, l1):
+            n, mu, M2 = merge_into(n, mu, M2, rows, pmean[k, l], pm2[k, l])
+    return n, mu, M2
 
 
 @njit(inline="always")
@@ -362,36 +414,7 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
         for it in prange(P * K):
             p = it // K
             k = it % K
-            lo = k * chunk
-            hi = min(lo + chunk, Q)
-            acc = pmean[p, k]
-            sq = pm2[p, k]
-            acc[:] = 0.0
-            sq[:] = 0.0
-            for q in range(lo, hi):
-                v = x3[p, q]
-                for l in range(L):
-                    acc[l] += v[l]
-            inv = 1.0 / (hi - lo)
-            for l in range(L):
-                acc[l] *= inv
-            # the second pass reads the chunk from cache, two rows per step: sq is loaded and stored once
-            # per pair of rows — those loads and stores, not the arithmetic, bound it.  (The first pass
-            # reads memory; two rows per step there slowed (65536, 256) from 11 to 7 GB/s: the two 1 KiB
-            # row streams defeat the prefetcher.)  Moments of the column pass, 2 cores, float32:
-            # (100352, 64) 10.6 → 12.1 GB/s, (6272, 64) in cache 13.7 → 15.8, (65536, 256) 11.1 → 11.4.
-            for q in range(lo, hi - 1, 2):
-                v = x3[p, q]
-                w = x3[p, q + 1]
-                for l in range(L):
-                    d = v[l] - acc[l]
-                    e = w[l] - acc[l]
-                    sq[l] += d * d + e * e
-            if (hi - lo) % 2:
-                v = x3[p, hi - 1]
-                for l in range(L):
-                    d = v[l] - acc[l]
-                    sq[l] += d * d
+            _column_moments(x3[p], k * chunk, min((k + 1) * chunk, Q), pmean[p, k], pm2[p, k])
 
     Pm, G = mean.shape
     for it in prange(Pm * G):
@@ -400,13 +423,11 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
         p0, p1 = (0, P) if Pm == 1 else (pm, pm + 1)
         n, mu, M2 = 0.0, 0.0, 0.0
         for p in range(p0, p1):
-            for k in range(K):
-                if lane:
+            if lane:
+                for k in range(K):
                     n, mu, M2 = merge_into(n, mu, M2, min(chunk, L - k * chunk), pmean[p, g, k], pm2[p, g, k])
-                else:
-                    rows = min(chunk, Q - k * chunk)
-                    for l in range(g * cg, (g + 1) * cg):
-                        n, mu, M2 = merge_into(n, mu, M2, rows, pmean[p, k, l], pm2[p, k, l])
+            else:
+                n, mu, M2 = _merge_columns(n, mu, M2, pmean[p], pm2[p], Q, chunk, g * cg, (g + 1) * cg)
         mean[pm, g] = mu
         m2[pm, g] = M2
 
@@ -444,18 +465,24 @@ def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
 
 @_serial_if_small
 @njit(**_JIT)
-def normalize_lanes(x3, mode, cg, eps, rms, weight, bias, mean, m2, rstd, y3, stream):
-    """Statistics and y of every lane group ``x3[p, g]`` in one sweep: y = (x − μ)·rstd·w + b.
+def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, work, y3, stream):
+    """Statistics and y of every per-sample group in one sweep: y = (x − μ)·rstd·w + b.
 
-    For per-sample norms whose groups fit in one moments chunk (layer/RMS/instance norm, channels-first
-    group norm): the group is read from memory once and normalized while it is still in cache, 2× the
-    input's bytes instead of moments-then-normalize's 3×.  Same lane formulas as ``moments`` (one chunk:
-    Chan's merge of a single part is the part) and ``normalize``.
+    The plan's ``fused`` groups: each is read from memory once and normalized while it is still in
+    cache, 2× the input's bytes instead of moments-then-normalize's 3×.  Same formulas, in the same
+    order, as ``moments`` and ``normalize``, so the same values.
     rstd = 1/sqrt(M2/n + eps), or for RMS norm 1/sqrt(M2/n + μ² + eps) with μ reported as 0.
-    x3/y3 are the stats view ``(P, G, cg·S)``: group g holds channels g·cg … g·cg + cg − 1, S elements
-    each.  weight/bias: ``(C,)`` one value per channel (LANE), or ``(S,)`` one per element of a row
-    (ROW: layer/RMS norm, cg = 1).  mean/m2/rstd: ``(P, G)``.  stream (ROW only): write y with
-    non-temporal stores, each row staged in a stack buffer (see ``STREAM_MIN_BYTES``); same values.
+
+    LANE (instance norm, channels-first group norm) and ROW (layer/RMS norm): groups that fit in one
+    moments chunk.  x3/y3 are the stats view ``(P, G, cg·S)``: group g holds channels g·cg … g·cg + cg − 1,
+    S elements each.  weight/bias: ``(C,)`` one value per channel (LANE), or ``(S,)`` one per element
+    of a row (ROW, cg = 1).  stream (ROW only): write y with non-temporal stores, each row staged in a
+    stack buffer (see ``STREAM_MIN_BYTES``); same values.
+    COLUMN (instance/group norm, channels-last): x3/y3 ``(P, S, C)``, one sample per iteration — its
+    column moments chunk by chunk (``chunk`` rows), merged into its groups, then its y while the
+    sample is still in the last-level cache.  work ``(P, 2K + 2, C)``: the K chunks' means and M2s,
+    then the sample's per-column mean and scale.  weight/bias ``(C,)``.
+    mean/m2/rstd: ``(P, G)``.  ``chunk`` and ``work`` are read by COLUMN only.
     """
     P, G, L = x3.shape
     S = L // cg
@@ -479,7 +506,7 @@ def normalize_lanes(x3, mode, cg, eps, rms, weight, bias, mean, m2, rstd, y3, st
                     _scale_weight(x2[i], y2[i], mean1[i], rstd1[i], weight, bias)
             if stream:
                 _fence()
-    else:                         # instance/group norm: cg channels of S elements, weight per channel
+    elif mode == LANE:            # instance/group norm: cg channels of S elements, weight per channel
         for blk in prange(blocks):
             p, g = divmod(blk * per, G)
             for _ in range(blk * per, min(blk * per + per, P * G)):
@@ -490,6 +517,25 @@ def normalize_lanes(x3, mode, cg, eps, rms, weight, bias, mean, m2, rstd, y3, st
                     c = g * cg + j
                     _scale_shift(v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], mu, r * weight[c], bias[c])
                 p, g = _advance(p, g, G)
+    else:                         # COLUMN: a sample (S rows of L = C channels) per iteration
+        Q = G
+        K = (work.shape[1] - 2) // 2
+        for p in prange(P):
+            parts = work[p]
+            for k in range(K):
+                _column_moments(x3[p], k * chunk, min((k + 1) * chunk, Q), parts[k], parts[K + k])
+            mc, sc = parts[2 * K], parts[2 * K + 1]
+            for g in range(mean.shape[1]):
+                n, mu, M2 = _merge_columns(0.0, 0.0, 0.0, parts[:K], parts[K:2 * K], Q, chunk, g * cg, (g + 1) * cg)
+                mu, r = _rstd(mu, M2, n, eps, rms)
+                mean[p, g], m2[p, g], rstd[p, g] = mu, M2, r
+                for l in range(g * cg, (g + 1) * cg):
+                    mc[l] = mu
+                    sc[l] = r * weight[l]
+            for q in range(Q):
+                v, o = x3[p, q], y3[p, q]
+                for l in range(L):
+                    o[l] = (v[l] - mc[l]) * sc[l] + bias[l]
 
 
 @_serial_if_small
@@ -560,7 +606,7 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
 @_serial_if_small
 @njit(**_JIT)
 def backward_lanes(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, dx3, stream):
-    """``backward_reduce`` and ``backward_apply`` fused for the groups ``normalize_lanes`` serves: each
+    """``backward_reduce`` and ``backward_apply`` fused for the lane groups ``normalize_groups`` serves: each
     group's sums, its dx coefficients (``dx_coefficients``), then its dx while dy and x are in cache —
     3× the input's bytes instead of 5×.  Training only (eval has no sums to take).
 
@@ -568,7 +614,7 @@ def backward_lanes(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     sample and channel go straight to ``sum_dy``/``sum_dyx`` ``(P, C)``; weight ``(C,)``.
     ROW (layer/RMS norm): ``(1, rows, D)``; every row is a group, processed in blocks of ``chunk`` rows
     whose column partials ``pa``/``pb`` ``(1, K, D)`` are merged in fixed order into ``(1, D)``; stream:
-    dx is written as ``normalize_lanes`` writes y when it streams.
+    dx is written as ``normalize_groups`` writes y when it streams.
     """
     P, G, L = x3.shape
     if mode == LANE:

@@ -112,9 +112,12 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
 
     if batch_stats and view.fused and backend == "cpu" and x.size:
         mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
-        same = view.stats3 == view.shape3           # layer/instance norm: the statistics view is x3
-        _cpu.normalize_lanes(x3 if same else x3.reshape(view.stats3), view.mode, view.group_size, eps, rms, w, b,
-                             mean, m2, rstd, y3 if same else y3.reshape(view.stats3), _cpu.streams(view.mode, y3))
+        same = view.stats3 == view.shape3           # all but channels-first group norm: the statistics view is x3
+        P, K, C = view.parts
+        work = np.empty((P, 2 * K + 2, C)) if view.mode == _cpu.COLUMN else _ONE.reshape(1, 1, 1)
+        _cpu.normalize_groups(x3 if same else x3.reshape(view.stats3), view.mode, view.group_size, view.chunk, eps,
+                              rms, w, b, mean, m2, rstd, work, y3 if same else y3.reshape(view.stats3),
+                              _cpu.streams(view.mode, y3))
         if m >= 0:        # instance norm with running buffers
             update_running(*buffers, mean, m2, n, m)
     elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
@@ -231,8 +234,8 @@ def _backward(grad_output, ctx):
     renorm = ctx.k is not None
     k, d = (ctx.k, ctx.d) if renorm else (_ONE, _ONE)
 
-    if ctx.batch_stats and view.fused and ctx.backend == "cpu" and x3.size:
-        # the groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
+    if ctx.batch_stats and view.fused and view.lane and ctx.backend == "cpu" and x3.size:
+        # the lane groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
         sum_dy, sum_dyx = np.empty(sums_shape), np.empty(sums_shape)
         pa, pb = np.empty(view.rparts), np.empty(view.rparts)
         _cpu.backward_lanes(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
