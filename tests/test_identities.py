@@ -241,9 +241,11 @@ def test_moments_are_batch_norm_statistics(rng):
 
 # ---------------------------------------------------------------- per-sample ops ≡ their samples one by one
 
-# Channels-last instance/group norm fuses the forward of a batch of ≥ FUSED_MIN_SAMPLES samples (one
-# sample per prange iteration, normalize_groups); fewer samples take moments → normalize.  A per-sample
-# op on x[:k] is the first k samples of the op on x, so the two routes must agree bit for bit.
+# Channels-last instance/group norm fuses a batch of ≥ FUSED_MIN_SAMPLES samples (one sample per prange
+# iteration: normalize_groups, backward_fused); fewer samples take moments → normalize and
+# backward_reduce → backward_apply.  A per-sample op on x[:k] is the first k samples of the op on x, so
+# the routes must agree: y bit for bit; dx bit for bit in float32, and to a rounding in float64 (the two
+# kernels' codegen contracts dy·A + x·B + C into FMAs differently: measured ≤ 2e-16 relative).
 # (5, 3, 7, 12): below SERIAL_BELOW (serial builds); (4, 1001, 40): parallel, two chunks of rows, the
 # second of odd length (the two-row step's tail).
 @pytest.mark.parametrize("shape, groups", [((5, 3, 7, 12), 4), ((4, 1001, 40), 8), ((6, 2, 2, 3), 3)])
@@ -266,15 +268,20 @@ def test_fused_channels_last_batch_is_its_samples(shape, groups, op, dtype, rng)
 
     whole, part = run(x, dy), run(x[:3], dy[:3])
     assert_bitwise(whole[0][:3], part[0], "y")
-    assert_bitwise(whole[1][:3], part[1], "dx")
+    if dtype == np.float32:
+        assert_bitwise(whole[1][:3], part[1], "dx")
+    else:
+        assert_close(whole[1][:3], part[1], ROUNDING, "dx")
     if op == "group_norm":
-        expected = reference.group_norm_forward(x, groups, w, b, axis=-1)[0]
+        y_ref, ctx_ref = reference.group_norm_forward(x, groups, w, b, axis=-1)
     else:                           # and the running statistics, updated from every sample's moments
         rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
-        expected = reference.instance_norm_forward(x, rm, rv, w, b, use_input_stats=True, axis=-1)[0]
+        y_ref, ctx_ref = reference.instance_norm_forward(x, rm, rv, w, b, use_input_stats=True, axis=-1)
         assert_close(whole[4], rm, what="running_mean")
         assert_close(whole[5], rv, what="running_var")
-    assert_close(whole[0], expected, what="y vs reference")
+    assert_close(whole[0], y_ref, what="y vs reference")
+    for name, a, e in zip(("dx", "dweight", "dbias"), whole[1:4], getattr(reference, op + "_backward")(dy, ctx_ref)):
+        assert_close(a, e, what=f"{name} vs reference")
 
 
 def test_channels_last_samples_too_large_for_cache_are_not_fused():

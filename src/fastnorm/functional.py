@@ -29,7 +29,8 @@ __all__ = [
     "moments", "Moments",
 ]
 
-_ONE = np.ones((1, 1))      # placeholder for kernel arguments a mode does not read
+_ONE = np.ones((1, 1))      # placeholders for kernel arguments a mode does not read
+_ONE3 = np.ones((1, 1, 1))
 # running_mean/running_var when there are none (never read): in the input's compute dtype, so that
 # the coefficient algebra and the small-input drivers compile once per dtype, not twice (~1.5 s cold)
 _NO_BUFFER = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
@@ -113,8 +114,10 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     if batch_stats and view.fused and backend == "cpu" and x.size:
         mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
         same = view.stats3 == view.shape3           # all but channels-first group norm: the statistics view is x3
-        P, K, C = view.parts
-        work = np.empty((P, 2 * K + 2, C)) if view.mode == _cpu.COLUMN else _ONE.reshape(1, 1, 1)
+        work = _ONE3
+        if view.mode == _cpu.COLUMN:    # per sample: its K chunks' column means and M2s, its column mean and scale
+            P, K, C = view.parts
+            work = np.empty((P, 2 * K + 2, C))
         _cpu.normalize_groups(x3 if same else x3.reshape(view.stats3), view.mode, view.group_size, view.chunk, eps,
                               rms, w, b, mean, m2, rstd, work, y3 if same else y3.reshape(view.stats3),
                               _cpu.streams(view.mode, y3))
@@ -234,12 +237,13 @@ def _backward(grad_output, ctx):
     renorm = ctx.k is not None
     k, d = (ctx.k, ctx.d) if renorm else (_ONE, _ONE)
 
-    if ctx.batch_stats and view.fused and view.lane and ctx.backend == "cpu" and x3.size:
-        # the lane groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
+    if ctx.batch_stats and view.fused and ctx.backend == "cpu" and x3.size:
+        # the groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
         sum_dy, sum_dyx = np.empty(sums_shape), np.empty(sums_shape)
         pa, pb = np.empty(view.rparts), np.empty(view.rparts)
-        _cpu.backward_lanes(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
-                            view.rchunk, ctx.rms, ctx.n, ctx.mean, ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx,
+        work = np.empty((view.rparts[0], 4, X)) if view.mode == _cpu.COLUMN else _ONE3
+        _cpu.backward_fused(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
+                            view.rchunk, ctx.rms, ctx.n, ctx.mean, ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx, work,
                             dx3.reshape(view.stats3), _cpu.streams(view.mode, dx3))
         dbias, dweight = (sum_dy[0], sum_dyx[0]) if sums_shape[0] == 1 else (sum_dy.sum(0), sum_dyx.sum(0))
     elif ctx.backend == "cpu" and ctx.sync is None and 0 < x3.size < _cpu.SERIAL_BELOW:
