@@ -404,6 +404,70 @@ def _dx_row(d, v, o, a0, b0, c0, weight):
         o[l] = d[l] * a0 * weight[l] + v[l] * b0 + c0
 
 
+# ---------------------------------------------------------------- one sample of a fused column group
+#
+# The per-sample bodies of normalize_groups and backward_fused for channels-last instance/group norm:
+# serial functions of their own (the kernels' flags, not inlined), called once per sample from both
+# builds of each kernel.  Inlined, they made each build compile its own copy inside its prange body:
+# cold compile of every kernel (float32) 52-60 → 74-78 s; as calls, see the README's figure.
+
+@_cached
+@njit(**dict(_JIT, parallel=False))
+def _normalize_columns(x2, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, work, y2):
+    """One sample ``x2`` (S, C) → y2: its column moments chunk by chunk into work (the K chunks' means,
+    then their M2s), merged into its groups (``mean``/``m2``/``rstd`` (G,)) in the order ``moments``
+    merges them, then y = (x − μ)·rstd·w + b with the per-column mean and scale in work's last two rows."""
+    Q, L = x2.shape
+    K = (work.shape[0] - 2) // 2
+    for k in range(K):
+        _column_moments(x2, k * chunk, min((k + 1) * chunk, Q), work[k], work[K + k])
+    mc, sc = work[2 * K], work[2 * K + 1]
+    for g in range(mean.size):
+        n, mu, M2 = _merge_columns(0.0, 0.0, 0.0, work[:K], work[K:2 * K], Q, chunk, g * cg, (g + 1) * cg)
+        mu, r = _rstd(mu, M2, n, eps, rms)
+        mean[g], m2[g], rstd[g] = mu, M2, r
+        for l in range(g * cg, (g + 1) * cg):
+            mc[l] = mu
+            sc[l] = r * weight[l]
+    for q in range(Q):
+        v, o = x2[q], y2[q]
+        for l in range(L):
+            o[l] = (v[l] - mc[l]) * sc[l] + bias[l]
+
+
+@_cached
+@njit(**dict(_JIT, parallel=False))
+def _backward_columns(dy2, x2, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, work, dx2):
+    """One sample's backward: its column sums chunk by chunk into pa/pb ``(1, K, C)`` (as
+    ``backward_reduce``), merged in fixed order into sum_dy/sum_dyx (C,), its groups' dx coefficients,
+    then dx = dy·A + x·B + C.  work (4, C): the per-column mean, and A (rstd during the sums), B, C."""
+    Q, L = x2.shape
+    mc, ac, bc, cc = work[0], work[1], work[2], work[3]
+    for l in range(L):
+        mc[l] = mean[l // cg]
+        ac[l] = rstd[l // cg]
+    for k in range(pa.shape[1]):
+        _column_sums(dy2, x2, k * chunk, min((k + 1) * chunk, Q), mc, ac, pa[0, k], pb[0, k])
+    for l in range(L):
+        sum_dy[l], sum_dyx[l] = _column_parts(pa, pb, 0, 1, l)
+    for g in range(mean.size):
+        m0, r0 = mean[g], rstd[g]
+        sg = 0.0
+        sgx = 0.0
+        for c in range(g * cg, (g + 1) * cg):
+            sg += sum_dy[c] * weight[c]
+            sgx += sum_dyx[c] * weight[c]
+        B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
+        for c in range(g * cg, (g + 1) * cg):
+            ac[c] = r0 * weight[c]
+            bc[c] = B
+            cc[c] = C
+    for q in range(Q):
+        d, v, o = dy2[q], x2[q], dx2[q]
+        for l in range(L):
+            o[l] = d[l] * ac[l] + v[l] * bc[l] + cc[l]
+
+
 @_serial_if_small
 @njit(**_JIT)
 def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
@@ -504,10 +568,11 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
     P, G, L = x3.shape
     S = L // cg
     per = _groups_per_block(L)
-    blocks = -(-(P * G) // per)
+    blocks = P if mode == COLUMN else -(-(P * G) // per)
     # One loop per weight layout: a second branch inside the group loop cost ~10 ns per group, a third
     # of an 8-element layer-norm row (measured 24.6 vs 16.7 ns per row on (256, 8)).  (p, g) is split
-    # from the flat index once per block (see BLOCK), then counted.
+    # from the flat index once per block (see BLOCK), then counted.  COLUMN shares the LANE loop, one
+    # sample per block: each prange loop is a gufunc compiled on its own (~2-3 s cold, per build).
     if mode == ROW:               # layer/RMS norm: (1, rows, D), one group per row, weight per element
         x2, y2, mean1, m21, rstd1 = x3[0], y3[0], mean[0], m2[0], rstd[0]
         for blk in prange(blocks):
@@ -523,9 +588,13 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
                     _scale_weight(x2[i], y2[i], mean1[i], rstd1[i], weight, bias)
             if stream:
                 _fence()
-    elif mode == LANE:            # instance/group norm: cg channels of S elements, weight per channel
+    else:                         # instance/group norm
         for blk in prange(blocks):
-            p, g = divmod(blk * per, G)
+            if mode == COLUMN:    # channels-last: sample blk, S rows of C channels
+                _normalize_columns(x3[blk], cg, chunk, eps, rms, weight, bias, mean[blk], m2[blk], rstd[blk],
+                                   work[blk], y3[blk])
+                continue
+            p, g = divmod(blk * per, G)       # LANE: cg channels of S elements, weight per channel
             for _ in range(blk * per, min(blk * per + per, P * G)):
                 v, o = x3[p, g], y3[p, g]
                 mu, ss, r = _group_stats(v, eps, rms)
@@ -534,25 +603,6 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
                     c = g * cg + j
                     _scale_shift(v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], mu, r * weight[c], bias[c])
                 p, g = _advance(p, g, G)
-    else:                         # COLUMN: a sample (S rows of L = C channels) per iteration
-        Q = G
-        K = (work.shape[1] - 2) // 2
-        for p in prange(P):
-            parts = work[p]
-            for k in range(K):
-                _column_moments(x3[p], k * chunk, min((k + 1) * chunk, Q), parts[k], parts[K + k])
-            mc, sc = parts[2 * K], parts[2 * K + 1]
-            for g in range(mean.shape[1]):
-                n, mu, M2 = _merge_columns(0.0, 0.0, 0.0, parts[:K], parts[K:2 * K], Q, chunk, g * cg, (g + 1) * cg)
-                mu, r = _rstd(mu, M2, n, eps, rms)
-                mean[p, g], m2[p, g], rstd[p, g] = mu, M2, r
-                for l in range(g * cg, (g + 1) * cg):
-                    mc[l] = mu
-                    sc[l] = r * weight[l]
-            for q in range(Q):
-                v, o = x3[p, q], y3[p, q]
-                for l in range(L):
-                    o[l] = (v[l] - mc[l]) * sc[l] + bias[l]
 
 
 @_serial_if_small
@@ -634,10 +684,14 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     ``work`` is read by COLUMN only.
     """
     P, G, L = x3.shape
-    if mode == LANE:
+    if mode != ROW:             # LANE, and COLUMN one sample per block (one gufunc for both: see normalize_groups)
         S = L // cg
         per = _groups_per_block(L)
-        for blk in prange(-(-(P * G) // per)):
+        for blk in prange(P if mode == COLUMN else -(-(P * G) // per)):
+            if mode == COLUMN:
+                _backward_columns(dy3[blk], x3[blk], cg, chunk, rms, n, mean[blk], rstd[blk], weight,
+                                  pa[blk:blk + 1], pb[blk:blk + 1], sum_dy[blk], sum_dyx[blk], work[blk], dx3[blk])
+                continue
             p, g = divmod(blk * per, G)
             for _ in range(blk * per, min(blk * per + per, P * G)):
                 d, v, o = dy3[p, g], x3[p, g], dx3[p, g]
@@ -656,7 +710,7 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
                     c = g * cg + j
                     _dx_lane(d[j * S:(j + 1) * S], v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], r0 * weight[c], B, C)
                 p, g = _advance(p, g, G)
-    elif mode == ROW:
+    else:
         K = pa.shape[1]
         for it in prange(P * K):
             p, k, a, b = _row_block(it, K, pa, pb)
@@ -678,33 +732,6 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
                 _fence()
         for j in prange(L):
             sum_dy[0, j], sum_dyx[0, j] = _column_parts(pa, pb, 0, P, j)
-    else:                       # COLUMN: a sample (S rows of L = C channels) per iteration
-        K = pa.shape[1]
-        for p in prange(P):
-            mc, ac, bc, cc = work[p, 0], work[p, 1], work[p, 2], work[p, 3]
-            for l in range(L):
-                mc[l] = mean[p, l // cg]
-                ac[l] = rstd[p, l // cg]
-            for k in range(K):
-                _column_sums(dy3[p], x3[p], k * chunk, min((k + 1) * chunk, G), mc, ac, pa[p, k], pb[p, k])
-            for l in range(L):
-                sum_dy[p, l], sum_dyx[p, l] = _column_parts(pa, pb, p, p + 1, l)
-            for g in range(mean.shape[1]):
-                m0, r0 = mean[p, g], rstd[p, g]
-                sg = 0.0
-                sgx = 0.0
-                for c in range(g * cg, (g + 1) * cg):
-                    sg += sum_dy[p, c] * weight[c]
-                    sgx += sum_dyx[p, c] * weight[c]
-                B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
-                for c in range(g * cg, (g + 1) * cg):
-                    ac[c] = r0 * weight[c]
-                    bc[c] = B
-                    cc[c] = C
-            for q in range(G):
-                d, v, o = dy3[p, q], x3[p, q], dx3[p, q]
-                for l in range(L):
-                    o[l] = d[l] * ac[l] + v[l] * bc[l] + cc[l]
 
 
 @_serial_if_small
