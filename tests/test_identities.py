@@ -241,11 +241,11 @@ def test_moments_are_batch_norm_statistics(rng):
 
 # ---------------------------------------------------------------- per-sample ops ≡ their samples one by one
 
-# Channels-last instance/group norm fuses a batch of ≥ FUSED_MIN_SAMPLES samples (one sample per prange
-# iteration: normalize_groups, backward_fused); fewer samples take moments → normalize and
-# backward_reduce → backward_apply.  A per-sample op on x[:k] is the first k samples of the op on x, so
-# the routes must agree: y bit for bit; dx bit for bit in float32, and to a rounding in float64 (the two
-# kernels' codegen contracts dy·A + x·B + C into FMAs differently: measured ≤ 2e-16 relative).
+# Channels-last instance/group norm fuses the forward of a batch of ≥ FUSED_MIN_SAMPLES samples (one
+# sample per prange iteration, normalize_groups); fewer samples take moments → normalize.  A per-sample
+# op on x[:k] is the first k samples of the op on x, so the routes must agree: y bit for bit, and dx
+# (the same backward kernels, from the two routes' statistics) to a rounding in float64, bit for bit in
+# float32.
 # (5, 3, 7, 12): below SERIAL_BELOW (serial builds); (4, 1001, 40): parallel, two chunks of rows, the
 # second of odd length (the two-row step's tail).
 @pytest.mark.parametrize("shape, groups", [((5, 3, 7, 12), 4), ((4, 1001, 40), 8), ((6, 2, 2, 3), 3)])

@@ -9,9 +9,9 @@ Every norm is one of two reduction shapes over that view (``_plan.py`` picks the
 
 The family: ``moments`` (per-group mean and M2), ``normalize`` (y from per-group coefficients),
 ``backward_reduce`` (Σdy, Σdy·x̂), ``backward_apply`` (dx from coefficients); and, for per-sample groups
-that fit in cache (lane groups of layer/RMS/instance norm and channels-first group norm; whole samples
-of channels-last instance/group norm), the same formulas fused group by group: ``normalize_groups``
-(2 passes over memory, not 3) and ``backward_fused`` (3, not 5).
+that fit in cache, the same formulas fused group by group: ``normalize_groups`` (2 passes over memory,
+not 3; the lane groups of layer/RMS/instance norm and channels-first group norm, and whole samples of
+channels-last instance/group norm) and ``backward_fused`` (3, not 5; the lane groups).
 ``forward_small``/``backward_small`` run one whole forward/backward of an input below ``SERIAL_BELOW``
 in a single call: the serial builds of the kernels and the coefficient algebra of ``_math``, in order.
 
@@ -272,9 +272,8 @@ def _column_moments(x2, lo, hi, acc, sq):
     acc[:] = 0.0
     sq[:] = 0.0
     for q in range(lo, hi):
-        v = x2[q]
         for l in range(L):
-            acc[l] += v[l]
+            acc[l] += x2[q, l]
     inv = 1.0 / (hi - lo)
     for l in range(L):
         acc[l] *= inv
@@ -284,16 +283,13 @@ def _column_moments(x2, lo, hi, acc, sq):
     # defeat the prefetcher.)  Column moments, 2 cores, float32: (100352, 64) 10.6 → 12.1 GB/s,
     # (6272, 64) in cache 13.7 → 15.8, (65536, 256) 11.1 → 11.4.
     for q in range(lo, hi - 1, 2):
-        v = x2[q]
-        w = x2[q + 1]
         for l in range(L):
-            d = v[l] - acc[l]
-            e = w[l] - acc[l]
+            d = x2[q, l] - acc[l]
+            e = x2[q + 1, l] - acc[l]
             sq[l] += d * d + e * e
     if (hi - lo) % 2:
-        v = x2[hi - 1]
         for l in range(L):
-            d = v[l] - acc[l]
+            d = x2[hi - 1, l] - acc[l]
             sq[l] += d * d
 
 
@@ -305,11 +301,9 @@ def _column_sums(dy2, x2, lo, hi, m, r, a, b):
     a[:] = 0.0
     b[:] = 0.0
     for q in range(lo, hi):
-        d = dy2[q]
-        v = x2[q]
         for l in range(L):
-            a[l] += d[l]
-            b[l] += d[l] * (v[l] - m[l])
+            a[l] += dy2[q, l]
+            b[l] += dy2[q, l] * (x2[q, l] - m[l])
     for l in range(L):
         b[l] *= r[l]
 
@@ -406,10 +400,12 @@ def _dx_row(d, v, o, a0, b0, c0, weight):
 
 # ---------------------------------------------------------------- one sample of a fused column group
 #
-# The per-sample bodies of normalize_groups and backward_fused for channels-last instance/group norm:
-# serial functions of their own (the kernels' flags, not inlined), called once per sample from both
-# builds of each kernel.  Inlined, they made each build compile its own copy inside its prange body:
-# cold compile of every kernel (float32) 52-60 → 74-78 s; as calls, see the README's figure.
+# The per-sample body of normalize_groups for channels-last instance/group norm: a serial function of
+# its own (the kernels' flags, not inlined), called once per sample from both builds, in the LANE
+# prange loop.  Inlined in a prange loop of its own, it made each build compile its own copy (each
+# prange loop is a gufunc compiled on its own).  It indexes x2[q, l], never takes a row
+# view x2[q] (outside a prange body a view may cost an atomic reference count on the meminfo that
+# every thread shares).
 
 @_cached
 @njit(**dict(_JIT, parallel=False))
@@ -430,42 +426,8 @@ def _normalize_columns(x2, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, wo
             mc[l] = mu
             sc[l] = r * weight[l]
     for q in range(Q):
-        v, o = x2[q], y2[q]
         for l in range(L):
-            o[l] = (v[l] - mc[l]) * sc[l] + bias[l]
-
-
-@_cached
-@njit(**dict(_JIT, parallel=False))
-def _backward_columns(dy2, x2, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, work, dx2):
-    """One sample's backward: its column sums chunk by chunk into pa/pb ``(1, K, C)`` (as
-    ``backward_reduce``), merged in fixed order into sum_dy/sum_dyx (C,), its groups' dx coefficients,
-    then dx = dy·A + x·B + C.  work (4, C): the per-column mean, and A (rstd during the sums), B, C."""
-    Q, L = x2.shape
-    mc, ac, bc, cc = work[0], work[1], work[2], work[3]
-    for l in range(L):
-        mc[l] = mean[l // cg]
-        ac[l] = rstd[l // cg]
-    for k in range(pa.shape[1]):
-        _column_sums(dy2, x2, k * chunk, min((k + 1) * chunk, Q), mc, ac, pa[0, k], pb[0, k])
-    for l in range(L):
-        sum_dy[l], sum_dyx[l] = _column_parts(pa, pb, 0, 1, l)
-    for g in range(mean.size):
-        m0, r0 = mean[g], rstd[g]
-        sg = 0.0
-        sgx = 0.0
-        for c in range(g * cg, (g + 1) * cg):
-            sg += sum_dy[c] * weight[c]
-            sgx += sum_dyx[c] * weight[c]
-        B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
-        for c in range(g * cg, (g + 1) * cg):
-            ac[c] = r0 * weight[c]
-            bc[c] = B
-            cc[c] = C
-    for q in range(Q):
-        d, v, o = dy2[q], x2[q], dx2[q]
-        for l in range(L):
-            o[l] = d[l] * ac[l] + v[l] * bc[l] + cc[l]
+            y2[q, l] = (x2[q, l] - mc[l]) * sc[l] + bias[l]
 
 
 @_serial_if_small
@@ -666,9 +628,8 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
 
 @_serial_if_small
 @njit(**_JIT)
-def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, work, dx3,
-                   stream):
-    """``backward_reduce`` and ``backward_apply`` fused for the groups ``normalize_groups`` serves: each
+def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, dx3, stream):
+    """``backward_reduce`` and ``backward_apply`` fused for the lane groups ``normalize_groups`` serves: each
     group's sums, its dx coefficients (``dx_coefficients``), then its dx while dy and x are in cache —
     3× the input's bytes instead of 5×.  Training only (eval has no sums to take).
 
@@ -677,21 +638,15 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     ROW (layer/RMS norm): ``(1, rows, D)``; every row is a group, processed in blocks of ``chunk`` rows
     whose column partials ``pa``/``pb`` ``(1, K, D)`` are merged in fixed order into ``(1, D)``; stream:
     dx is written as ``normalize_groups`` writes y when it streams.
-    COLUMN (channels-last instance/group norm): ``(P, S, C)``, a sample per iteration: its column sums
-    chunk by chunk into ``pa``/``pb`` ``(P, K, C)`` (as ``backward_reduce``), merged in fixed order into
-    ``sum_dy``/``sum_dyx`` ``(P, C)``, its groups' coefficients, then its dx.  work ``(P, 4, C)``: the
-    sample's per-column mean, and A, B, C (A holds rstd during the sums).
-    ``work`` is read by COLUMN only.
+    The channels-last samples ``normalize_groups`` fuses take backward_reduce → backward_apply: fused
+    here too, their backward ran 8.0-9.1 → 4.7-5.7 ms on (32, 56, 56, 64), but cost ~13 s more cold
+    compile of this kernel, which every layer/instance/group norm backward compiles.
     """
     P, G, L = x3.shape
-    if mode != ROW:             # LANE, and COLUMN one sample per block (one gufunc for both: see normalize_groups)
+    if mode == LANE:
         S = L // cg
         per = _groups_per_block(L)
-        for blk in prange(P if mode == COLUMN else -(-(P * G) // per)):
-            if mode == COLUMN:
-                _backward_columns(dy3[blk], x3[blk], cg, chunk, rms, n, mean[blk], rstd[blk], weight,
-                                  pa[blk:blk + 1], pb[blk:blk + 1], sum_dy[blk], sum_dyx[blk], work[blk], dx3[blk])
-                continue
+        for blk in prange(-(-(P * G) // per)):
             p, g = divmod(blk * per, G)
             for _ in range(blk * per, min(blk * per + per, P * G)):
                 d, v, o = dy3[p, g], x3[p, g], dx3[p, g]

@@ -18,7 +18,8 @@ layer/RMS norm   any                 (1, rows, D) lane                      ROW 
 *fused*: a per-sample group that fits in cache — a lane group that fits in one chunk (layer/RMS/
 instance norm, channels-first group norm), or a whole sample of channels-last instance/group norm (see
 ``FUSED_SAMPLE_BYTES``) — is normalized by ``normalize_groups`` in the same sweep as its statistics,
-2× the input's bytes instead of 3×, and takes ``backward_fused`` in training: 3× instead of 5×.
+2× the input's bytes instead of 3×.  The lane groups take ``backward_fused`` in training too: 3×
+instead of 5×.
 
 The layout is read from the strides, not from ``axis``: an ``axis=1`` array stored channels-last (a
 transposed view, as PyTorch's ``channels_last``) is used as it lies.  Only an array that is neither
@@ -38,8 +39,8 @@ from . import _cpu
 # the moments kernel.  It follows the problem, never the thread count (bitwise reproducibility).
 CHUNK = 32768
 
-# Channels-last instance/group norm fuses its forward and backward a whole sample at a time (one sample
-# per prange iteration) when there are enough samples to share out and each fits in a core's share of the
+# Channels-last instance/group norm fuses its forward a whole sample at a time (one sample per prange
+# iteration) when there are enough samples to share out and each fits in a core's share of the
 # last-level cache until it is normalized.  Group norm G=32, float32, 2 cores, fused vs unfused:
 # (32, 56, 56, 64) 6.4 → 4.9 ms, (8, 64, 64, 320) (5 MiB samples) 9.3 → 8.0, (4, 56, 56, 64) 0.66 →
 # 0.33; but one sample leaves a core idle, (1, 128, 128, 128) 1.8 → 2.6 ms, and (3, 128, 128, 128)

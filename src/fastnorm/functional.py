@@ -237,13 +237,12 @@ def _backward(grad_output, ctx):
     renorm = ctx.k is not None
     k, d = (ctx.k, ctx.d) if renorm else (_ONE, _ONE)
 
-    if ctx.batch_stats and view.fused and ctx.backend == "cpu" and x3.size:
-        # the groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
+    if ctx.batch_stats and view.fused and view.lane and ctx.backend == "cpu" and x3.size:
+        # the lane groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here
         sum_dy, sum_dyx = np.empty(sums_shape), np.empty(sums_shape)
         pa, pb = np.empty(view.rparts), np.empty(view.rparts)
-        work = np.empty((view.rparts[0], 4, X)) if view.mode == _cpu.COLUMN else _ONE3
         _cpu.backward_fused(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
-                            view.rchunk, ctx.rms, ctx.n, ctx.mean, ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx, work,
+                            view.rchunk, ctx.rms, ctx.n, ctx.mean, ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx,
                             dx3.reshape(view.stats3), _cpu.streams(view.mode, dx3))
         dbias, dweight = (sum_dy[0], sum_dyx[0]) if sums_shape[0] == 1 else (sum_dy.sum(0), sum_dyx.sum(0))
     elif ctx.backend == "cpu" and ctx.sync is None and 0 < x3.size < _cpu.SERIAL_BELOW:
