@@ -108,6 +108,12 @@ def _serial_if_small(parallel):
 # a warm process import that module and 12 more on its first call (+50 ms).
 BLOCK = 4096
 
+# _LOOPS: each prange loop is a gufunc that Numba compiles, wraps and links on its own — ~1.4 s of cold
+# compile per loop here (backward_reduce with its stage-2 loop parallel vs serial, twice each: 6.5/5.9
+# vs 5.2/4.3 s).  So a kernel has one prange loop for all its modes (the mode is tested once per block),
+# and the stage that merges the per-chunk partials runs serially after it: it reads P·G·K values
+# (K chunks per group), at most ~4 MiB of partials (layer norm (8192, 1024)).
+
 
 # ---------------------------------------------------------------- streaming stores
 #
@@ -269,8 +275,9 @@ def _column_moments(x2, lo, hi, acc, sq):
     """Per column of the rows x2[lo:hi]: acc = mean, sq = Σ(x − mean)², in two passes while the rows sit
     in cache (a chunk: ~CHUNK elements)."""
     L = acc.size
-    acc[:] = 0.0
-    sq[:] = 0.0
+    for l in range(L):
+        acc[l] = 0.0
+        sq[l] = 0.0
     for q in range(lo, hi):
         for l in range(L):
             acc[l] += x2[q, l]
@@ -298,8 +305,9 @@ def _column_sums(dy2, x2, lo, hi, m, r, a, b):
     """Per column over the rows lo … hi − 1: a = Σ dy, b = Σ dy·(x − m)·r (r applied once per column:
     (100352, 64) 18.8 → 20.2 GB/s against r inside the sum)."""
     L = a.size
-    a[:] = 0.0
-    b[:] = 0.0
+    for l in range(L):
+        a[l] = 0.0
+        b[l] = 0.0
     for q in range(lo, hi):
         for l in range(L):
             a[l] += dy2[q, l]
@@ -367,21 +375,24 @@ def _row_block(it, K, pa, pb):
     k = it % K
     a = pa[p, k]
     b = pb[p, k]
-    a[:] = 0.0
-    b[:] = 0.0
+    for l in range(a.size):
+        a[l] = 0.0
+        b[l] = 0.0
     return p, k, a, b
 
 
 @njit(inline="always")
-def _column_parts(pa, pb, p0, p1, j):
-    """Σ over p in [p0, p1) and every chunk k of the column partials pa/pb[p, k, j], in fixed order."""
-    s1 = 0.0
-    s2 = 0.0
+def _column_parts(pa, pb, p0, p1, s1, s2):
+    """s1/s2[j] = Σ over p in [p0, p1) and every chunk k of the column partials pa/pb[p, k, j], in that
+    order: one contiguous row of partials at a time (serial; see _LOOPS)."""
+    for j in range(s1.size):
+        s1[j] = 0.0
+        s2[j] = 0.0
     for p in range(p0, p1):
         for k in range(pa.shape[1]):
-            s1 += pa[p, k, j]
-            s2 += pb[p, k, j]
-    return s1, s2
+            for j in range(s1.size):
+                s1[j] += pa[p, k, j]
+                s2[j] += pb[p, k, j]
 
 
 @njit(inline="always")
@@ -439,28 +450,27 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
     is read twice while it sits in cache: once for its mean, once for Σ(x − mean)² — the mean is
     subtracted before squaring, so float32 data at an offset of 1e6 loses nothing.  Partials go to
     ``pmean``/``pm2``: ``(P, Q, K)`` for lanes, ``(P, K, L)`` for columns.
-    Stage 2 (parallel over groups): Chan's merge of the partials in a fixed order.  ``mean``/``m2`` are
+    Stage 2 (serial): Chan's merge of the partials in a fixed order.  ``mean``/``m2`` are
     ``(P, G)``, or ``(1, G)`` when the groups of every p are merged (batch norm).
     """
     P, Q, L = x3.shape
-    if lane:
-        K = pmean.shape[2]
-        per = _groups_per_block(min(chunk, L))
-        for blk in prange(-(-(P * Q * K) // per)):
+    K = pmean.shape[2] if lane else pmean.shape[1]
+    per = _groups_per_block(min(chunk, L)) if lane else 1
+    blocks = -(-(P * Q * K) // per) if lane else P * K
+    for blk in prange(blocks):          # one loop for both shapes: see _LOOPS
+        if lane:
             pq, k = divmod(blk * per, K)
             p, q = divmod(pq, Q)
             for _ in range(blk * per, min(blk * per + per, P * Q * K)):
                 pmean[p, q, k], pm2[p, q, k] = _lane_moments(x3[p, q, k * chunk:min((k + 1) * chunk, L)])
                 p, q, k = _advance3(p, q, k, Q, K)
-    else:
-        K = pmean.shape[1]
-        for it in prange(P * K):
-            p = it // K
-            k = it % K
+        else:
+            p = blk // K
+            k = blk % K
             _column_moments(x3[p], k * chunk, min((k + 1) * chunk, Q), pmean[p, k], pm2[p, k])
 
     Pm, G = mean.shape
-    for it in prange(Pm * G):
+    for it in range(Pm * G):            # serial: see _LOOPS
         pm = it // G
         g = it % G
         p0, p1 = (0, P) if Pm == 1 else (pm, pm + 1)
@@ -530,14 +540,14 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
     P, G, L = x3.shape
     S = L // cg
     per = _groups_per_block(L)
+    # (p, g) is split from the flat index once per block (see BLOCK), then counted.  The mode is tested
+    # once per block, not per group: a branch inside the group loop cost ~10 ns per group, a third of an
+    # 8-element layer-norm row (measured 24.6 vs 16.7 ns per row on (256, 8)).  COLUMN takes one sample
+    # per block.  One prange loop for all three: see _LOOPS.
+    x2, y2, mean1, m21, rstd1 = x3[0], y3[0], mean[0], m2[0], rstd[0]      # ROW: (1, rows, D)
     blocks = P if mode == COLUMN else -(-(P * G) // per)
-    # One loop per weight layout: a second branch inside the group loop cost ~10 ns per group, a third
-    # of an 8-element layer-norm row (measured 24.6 vs 16.7 ns per row on (256, 8)).  (p, g) is split
-    # from the flat index once per block (see BLOCK), then counted.  COLUMN shares the LANE loop, one
-    # sample per block: each prange loop is a gufunc compiled on its own (~2-3 s cold, per build).
-    if mode == ROW:               # layer/RMS norm: (1, rows, D), one group per row, weight per element
-        x2, y2, mean1, m21, rstd1 = x3[0], y3[0], mean[0], m2[0], rstd[0]
-        for blk in prange(blocks):
+    for blk in prange(blocks):
+        if mode == ROW:           # layer/RMS norm: one group per row, weight per element
             buf = _stage(y3, STAGE)
             for i in range(blk * per, min(blk * per + per, G)):
                 mean1[i], m21[i], rstd1[i] = _group_stats(x2[i], eps, rms)
@@ -550,13 +560,11 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
                     _scale_weight(x2[i], y2[i], mean1[i], rstd1[i], weight, bias)
             if stream:
                 _fence()
-    else:                         # instance/group norm
-        for blk in prange(blocks):
-            if mode == COLUMN:    # channels-last: sample blk, S rows of C channels
-                _normalize_columns(x3[blk], cg, chunk, eps, rms, weight, bias, mean[blk], m2[blk], rstd[blk],
-                                   work[blk], y3[blk])
-                continue
-            p, g = divmod(blk * per, G)       # LANE: cg channels of S elements, weight per channel
+        elif mode == COLUMN:      # channels-last instance/group norm: sample blk, S rows of C channels
+            _normalize_columns(x3[blk], cg, chunk, eps, rms, weight, bias, mean[blk], m2[blk], rstd[blk],
+                               work[blk], y3[blk])
+        else:                     # LANE: cg channels of S elements, weight per channel
+            p, g = divmod(blk * per, G)
             for _ in range(blk * per, min(blk * per + per, P * G)):
                 v, o = x3[p, g], y3[p, g]
                 mu, ss, r = _group_stats(v, eps, rms)
@@ -580,10 +588,12 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
     """
     P, Q, L = x3.shape
     bc = mean.shape[0] == 1
-    if mode == LANE:
-        K = pa.shape[2]
-        per = _groups_per_block(min(chunk, L))
-        for blk in prange(-(-(P * Q * K) // per)):
+    lane = mode == LANE
+    K = pa.shape[2] if lane else pa.shape[1]
+    per = _groups_per_block(min(chunk, L)) if lane else 1
+    blocks = -(-(P * Q * K) // per) if lane else P * K
+    for blk in prange(blocks):          # one loop for every mode: see _LOOPS
+        if lane:
             pq, k = divmod(blk * per, K)
             p, q = divmod(pq, Q)
             for _ in range(blk * per, min(blk * per + per, P * Q * K)):
@@ -594,10 +604,8 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
                 pa[p, q, k] = s1
                 pb[p, q, k] = s2 * rstd[pc, q]
                 p, q, k = _advance3(p, q, k, Q, K)
-    else:
-        K = pa.shape[1]
-        for it in prange(P * K):
-            p, k, a, b = _row_block(it, K, pa, pb)
+        else:
+            p, k, a, b = _row_block(blk, K, pa, pb)
             pc = 0 if bc else p
             lo = k * chunk
             hi = min(lo + chunk, Q)
@@ -609,21 +617,20 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
                                                           a, b)
 
     Pc, X = sum_dy.shape
-    for it in prange(Pc * X):
-        pc = it // X
-        j = it % X
+    for pc in range(Pc):                # serial: see _LOOPS
         p0, p1 = (0, P) if Pc == 1 else (pc, pc + 1)
-        if mode == LANE:
-            s1 = 0.0
-            s2 = 0.0
-            for p in range(p0, p1):
-                for k in range(K):
-                    s1 += pa[p, j, k]
-                    s2 += pb[p, j, k]
+        if lane:
+            for j in range(X):
+                s1 = 0.0
+                s2 = 0.0
+                for p in range(p0, p1):
+                    for k in range(K):
+                        s1 += pa[p, j, k]
+                        s2 += pb[p, j, k]
+                sum_dy[pc, j] = s1
+                sum_dyx[pc, j] = s2
         else:
-            s1, s2 = _column_parts(pa, pb, p0, p1, j)
-        sum_dy[pc, j] = s1
-        sum_dyx[pc, j] = s2
+            _column_parts(pa, pb, p0, p1, sum_dy[pc], sum_dyx[pc])
 
 
 @_serial_if_small
@@ -643,10 +650,13 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     compile of this kernel, which every layer/instance/group norm backward compiles.
     """
     P, G, L = x3.shape
-    if mode == LANE:
-        S = L // cg
-        per = _groups_per_block(L)
-        for blk in prange(-(-(P * G) // per)):
+    lane = mode == LANE
+    S = L // cg
+    per = _groups_per_block(L)
+    K = pa.shape[1]
+    blocks = -(-(P * G) // per) if lane else P * K
+    for blk in prange(blocks):          # one loop for both modes: see _LOOPS
+        if lane:
             p, g = divmod(blk * per, G)
             for _ in range(blk * per, min(blk * per + per, P * G)):
                 d, v, o = dy3[p, g], x3[p, g], dx3[p, g]
@@ -665,10 +675,8 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
                     c = g * cg + j
                     _dx_lane(d[j * S:(j + 1) * S], v[j * S:(j + 1) * S], o[j * S:(j + 1) * S], r0 * weight[c], B, C)
                 p, g = _advance(p, g, G)
-    else:
-        K = pa.shape[1]
-        for it in prange(P * K):
-            p, k, a, b = _row_block(it, K, pa, pb)
+        else:                           # ROW: a block of chunk rows
+            p, k, a, b = _row_block(blk, K, pa, pb)
             buf = _stage(dx3, STAGE)
             for q in range(k * chunk, min((k + 1) * chunk, G)):
                 m0 = mean[p, q]
@@ -685,8 +693,8 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
                     _dx_row(d, v, dx3[p, q], r0, B, C, weight)
             if stream:
                 _fence()
-        for j in prange(L):
-            sum_dy[0, j], sum_dyx[0, j] = _column_parts(pa, pb, 0, P, j)
+    if not lane:
+        _column_parts(pa, pb, 0, P, sum_dy[0], sum_dyx[0])
 
 
 @_serial_if_small
