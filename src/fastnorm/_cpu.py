@@ -113,6 +113,8 @@ BLOCK = 4096
 # vs 5.2/4.3 s).  So a kernel has one prange loop for all its modes (the mode is tested once per block),
 # and the stage that merges the per-chunk partials runs serially after it: it reads P·G·K values
 # (K chunks per group), at most ~4 MiB of partials (layer norm (8192, 1024)).
+# The loop count is a variable (``blocks = ...``): Numba does not convert ``prange(a if c else b)``, and
+# says nothing while another prange loop remains in the function — the loop just runs serially.
 
 
 # ---------------------------------------------------------------- streaming stores
