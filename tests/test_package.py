@@ -1,5 +1,6 @@
 """Packaging: ``python -m fastnorm --version``; importing compiles nothing and does not import numba.cuda;
-two processes starting at once on a cold cache both work.
+two processes starting at once on a cold cache both work; every parallel kernel compiles to one
+parallel loop.
 
 (First-call latency from a warm cache — ≤ 0.5 s including import — is a benchmark, not a test: it is
 not timed here; what is tested is that a warm process loads its kernels without compiling and without
@@ -123,3 +124,31 @@ def test_two_processes_on_a_cold_cache(tmp_path):
     # batch norm: moments, forward_coefficients, normalize (parallel); small layer norm: normalize_groups;
     # tiny batch norm: forward_small, backward_small
     assert warm == {"used": 6, "hits": 6, "misses": 0, "registries_loaded": False, "arrayobj_loaded": False}
+
+
+def test_every_parallel_kernel_has_one_parallel_loop():
+    """Each parallel CPU kernel keeps exactly one prange loop that Numba turned into a parallel loop
+    (``_cpu._LOOPS``: each loop costs ~1.4 s of cold compile).  Guards the silent failure too: Numba
+    leaves ``prange(a if c else b)`` serial without a warning while another prange remains.  Compiled
+    afresh (uncached) from the signatures the calls below gave, since a cached load has no diagnostics."""
+    from numba import njit
+
+    from fastnorm import _cpu
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16, 32, 32), dtype=np.float32)      # 131072 elements: the parallel builds
+    for v, axis in ((x, 1), (np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1)):
+        y, ctx = fastnorm.batch_norm_forward(v, None, None, training=True, axis=axis)
+        fastnorm.batch_norm_backward(y, ctx)
+        y, ctx = fastnorm.group_norm_forward(v, 4, axis=axis)
+        fastnorm.group_norm_backward(y, ctx)
+    fastnorm.batch_norm(x, np.zeros(16), np.ones(16), training=False)
+    y, ctx = fastnorm.layer_norm_forward(x, (32,))
+    fastnorm.layer_norm_backward(y, ctx)
+    for name in ("moments", "normalize", "normalize_groups", "backward_reduce", "backward_fused", "backward_apply"):
+        kernel = getattr(_cpu, name).parallel
+        assert kernel.signatures, name
+        fresh = njit(**dict(_cpu._JIT, cache=False))(kernel.py_func)
+        sig = kernel.signatures[0]
+        fresh.compile(sig)
+        assert fresh.overloads[sig].metadata["parfor_diagnostics"].count_parfors() == 1, name
