@@ -272,3 +272,37 @@ def test_input_with_overlapping_weight_is_not_an_out_alias(op, rng):
     x_before = x.copy()
     getattr(fastnorm, op)(**kw, out=np.empty_like(x))
     np.testing.assert_array_equal(x, x_before)
+
+
+class _DeviceView:
+    """A device array as ``check_out`` sees it: shape, dtype and a ``__cuda_array_interface__`` whose
+    pointer and strides are a host array's (so NumPy can say what they overlap)."""
+
+    def __init__(self, host):
+        self.shape, self.dtype = host.shape, host.dtype
+        face = host.__array_interface__
+        self.__cuda_array_interface__ = {"shape": face["shape"], "typestr": face["typestr"],
+                                         "data": face["data"], "strides": face["strides"], "version": 3}
+
+
+def test_device_out_aliasing_input_is_rejected_like_numpy():
+    """``out`` overlapping the input on the device is the ValueError the host raises; the byte ranges
+    come from ``__cuda_array_interface__`` (None strides: C order; negative strides; empty arrays) and
+    agree with NumPy's ``byte_bounds``/``may_share_memory`` on the same layouts."""
+    from fastnorm import _plan
+    byte_bounds = getattr(np.lib, "array_utils", np).byte_bounds        # np.byte_bounds before NumPy 2
+    base = np.zeros((8, 8), np.float32)
+    # C-contiguous ones have strides None in the interface, as a device array may
+    for a in (base, base[:1], base[3:5], base[::-1], base[:, ::-2], base.T, base[2:2], base[1:4, 3],
+              base[::2][::-1]):
+        assert _plan._byte_bounds(_DeviceView(a)) == tuple(byte_bounds(a)), a.strides
+    x = base[2:5]
+    for out, alias in ((base[2:5], True), (base[4:7], True), (base[0:3], True), (base[5:8], False),
+                       (base[5:8][::-1], False), (base[::-1][3:6], True), (np.zeros_like(x), False)):
+        assert np.may_share_memory(out, x) == alias
+        if alias:
+            with pytest.raises(ValueError, match=r"out must not alias input \(shape \(3, 8\)\)"):
+                _plan.check_out(_DeviceView(out), _DeviceView(x), x.dtype)
+        else:
+            dout = _DeviceView(out)
+            assert _plan.check_out(dout, _DeviceView(x), x.dtype) is dout

@@ -262,9 +262,40 @@ def check_out(out, x, dtype):
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError(f"out is read-only (shape {out.shape})")
-        if np.may_share_memory(out, x):
-            raise ValueError(f"out must not alias input (shape {x.shape}); fastnorm never works in place")
+        alias = np.may_share_memory(out, x)
+    else:
+        alias = is_device(x) and _overlap(_byte_bounds(out), _byte_bounds(x))
+    if alias:
+        raise ValueError(f"out must not alias input (shape {tuple(x.shape)}); fastnorm never works in place")
     return out
+
+
+def _byte_bounds(a):
+    """[lo, hi) of the bytes a device array spans, from its ``__cuda_array_interface__`` (the CUDA
+    simulator's arrays have none: the NumPy array they wrap answers ``__array_interface__``)."""
+    face = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    ptr, shape = face["data"][0], tuple(face["shape"])
+    itemsize = np.dtype(face["typestr"]).itemsize
+    if math.prod(shape) == 0:
+        return ptr, ptr
+    strides = face.get("strides")
+    if strides is None:                             # C-contiguous
+        strides, step = [], itemsize
+        for n in reversed(shape):
+            strides.insert(0, step)
+            step *= n
+    lo = hi = ptr
+    for n, st in zip(shape, strides):
+        if st < 0:
+            lo += (n - 1) * st
+        else:
+            hi += (n - 1) * st
+    return lo, hi + itemsize
+
+
+def _overlap(a, b):
+    """Whether two [lo, hi) byte ranges intersect (``np.may_share_memory``'s bounds test)."""
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def per_channel_error(shape):

@@ -43,6 +43,15 @@ def test_negative_strides_are_a_clear_error():
         fastnorm.layer_norm(dev(X)[::-1], (5,))
 
 
+def test_out_aliasing_the_input_on_device_is_rejected():
+    d = dev(X)
+    for out in (d, d[:, :, :]):
+        with pytest.raises(ValueError, match=r"out must not alias input \(shape \(4, 3, 5\)\)"):
+            fastnorm.layer_norm(d, (5,), out=out)
+    y = fastnorm.layer_norm(d, (5,), out=dev(np.empty_like(X)))
+    np.testing.assert_allclose(y.copy_to_host(), fastnorm.layer_norm(X, (5,)), rtol=1e-6, atol=1e-6)
+
+
 def test_threads_setting_is_checked():
     with config(THREADS=0), pytest.raises(ValueError, match="THREADS"):
         fastnorm.layer_norm(dev(X), (5,))
