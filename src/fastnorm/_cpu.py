@@ -273,13 +273,20 @@ def _rstd(mu, ss, n, eps, rms):
 
 
 @njit(inline="always")
+def _zero2(a, b):
+    """a[:] = b[:] = 0 as a plain loop: inside a prange body the slice fill is a nested parfor, which the
+    parfor passes analyse (cold compile) only to run it serially."""
+    for l in range(a.size):
+        a[l] = 0.0
+        b[l] = 0.0
+
+
+@njit(inline="always")
 def _column_moments(x2, lo, hi, acc, sq):
     """Per column of the rows x2[lo:hi]: acc = mean, sq = Σ(x − mean)², in two passes while the rows sit
     in cache (a chunk: ~CHUNK elements)."""
     L = acc.size
-    for l in range(L):
-        acc[l] = 0.0
-        sq[l] = 0.0
+    _zero2(acc, sq)
     for q in range(lo, hi):
         for l in range(L):
             acc[l] += x2[q, l]
@@ -307,9 +314,7 @@ def _column_sums(dy2, x2, lo, hi, m, r, a, b):
     """Per column over the rows lo … hi − 1: a = Σ dy, b = Σ dy·(x − m)·r (r applied once per column:
     (100352, 64) 18.8 → 20.2 GB/s against r inside the sum)."""
     L = a.size
-    for l in range(L):
-        a[l] = 0.0
-        b[l] = 0.0
+    _zero2(a, b)
     for q in range(lo, hi):
         for l in range(L):
             a[l] += dy2[q, l]
@@ -377,9 +382,7 @@ def _row_block(it, K, pa, pb):
     k = it % K
     a = pa[p, k]
     b = pb[p, k]
-    for l in range(a.size):
-        a[l] = 0.0
-        b[l] = 0.0
+    _zero2(a, b)
     return p, k, a, b
 
 
@@ -387,9 +390,7 @@ def _row_block(it, K, pa, pb):
 def _column_parts(pa, pb, p0, p1, s1, s2):
     """s1/s2[j] = Σ over p in [p0, p1) and every chunk k of the column partials pa/pb[p, k, j], in that
     order: one contiguous row of partials at a time (serial; see _LOOPS)."""
-    for j in range(s1.size):
-        s1[j] = 0.0
-        s2[j] = 0.0
+    _zero2(s1, s2)
     for p in range(p0, p1):
         for k in range(pa.shape[1]):
             for j in range(s1.size):
@@ -414,8 +415,8 @@ def _dx_row(d, v, o, a0, b0, c0, weight):
 # ---------------------------------------------------------------- one sample of a fused column group
 #
 # The per-sample body of normalize_groups for channels-last instance/group norm: a serial function of
-# its own (the kernels' flags, not inlined), called once per sample from both builds, in the LANE
-# prange loop.  Inlined in a prange loop of its own, it made each build compile its own copy (each
+# its own (the kernels' flags, not inlined), called once per sample from both builds, in the kernel's
+# one prange loop.  Inlined in a prange loop of its own, it made each build compile its own copy (each
 # prange loop is a gufunc compiled on its own).  It indexes x2[q, l], never takes a row
 # view x2[q] (outside a prange body a view may cost an atomic reference count on the meminfo that
 # every thread shares).

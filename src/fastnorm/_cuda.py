@@ -793,14 +793,6 @@ def _transpose(a, perm):
     return _strided(a, [a.shape[i] for i in perm], [a.strides[i] for i in perm])
 
 
-def _c_strides(shape, itemsize):
-    strides, s = [], itemsize
-    for n in reversed(shape):
-        strides.append(s)
-        s *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 def _contiguous(a):
     from ._plan import _is_c_contiguous
     return _is_c_contiguous((tuple(a.shape), tuple(a.strides)), a.dtype.itemsize)
@@ -808,6 +800,7 @@ def _contiguous(a):
 
 def _reshape(a, shape):
     """Contiguous a → shape, a view."""
+    from ._plan import _c_strides
     return _strided(a, shape, _c_strides(shape, a.dtype.itemsize))
 
 

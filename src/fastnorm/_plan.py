@@ -278,12 +278,7 @@ def _byte_bounds(a):
     itemsize = np.dtype(face["typestr"]).itemsize
     if math.prod(shape) == 0:
         return ptr, ptr
-    strides = face.get("strides")
-    if strides is None:                             # C-contiguous
-        strides, step = [], itemsize
-        for n in reversed(shape):
-            strides.insert(0, step)
-            step *= n
+    strides = face.get("strides") or _c_strides(shape, itemsize)     # None: C-contiguous
     lo = hi = ptr
     for n, st in zip(shape, strides):
         if st < 0:
@@ -459,6 +454,15 @@ def _set_perm(v, ndim, axis, move, shape):
 def _moved(shape, strides, src, dst):
     order = _order(len(shape), src, dst)
     return tuple(shape[i] for i in order), tuple(strides[i] for i in order)
+
+
+def _c_strides(shape, itemsize):
+    """The byte strides of a C-contiguous array of ``shape``."""
+    strides, s = [], itemsize
+    for n in reversed(shape):
+        strides.append(s)
+        s *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _is_c_contiguous(shape_strides, itemsize):
