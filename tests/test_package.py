@@ -52,8 +52,8 @@ def test_import_compiles_nothing_and_skips_cuda():
     report = json.loads(_python(IMPORT_PROBE).strip().splitlines()[-1])
     assert report["cuda"] == [], "importing fastnorm imported numba.cuda"
     kernels = set(report["dispatchers"])
-    assert {"fastnorm._cpu.moments", "fastnorm._cpu.normalize", "fastnorm._cpu.backward_reduce",
-            "fastnorm._cpu.backward_apply"} <= kernels, report["dispatchers"]
+    assert {"fastnorm._cpu.moments", "fastnorm._cpu.apply", "fastnorm._cpu.backward_reduce",
+            "fastnorm._cpu.normalize_groups", "fastnorm._cpu.backward_fused"} <= kernels, report["dispatchers"]
     compiled = {k: v for k, v in report["dispatchers"].items() if v}
     assert compiled == {}, f"compiled at import: {compiled}"
     for name in ("batch_norm", "batch_renorm", "instance_norm", "group_norm", "layer_norm", "rms_norm"):
@@ -121,7 +121,7 @@ def test_two_processes_on_a_cold_cache(tmp_path):
         _check_cold_result(o)
     warm = json.loads(_python(COLD_START.format(tests=TESTS_DIR, out=str(outs[2])), env=env))
     _check_cold_result(outs[2])
-    # batch norm: moments, forward_coefficients, normalize (parallel); small layer norm: normalize_groups;
+    # batch norm: moments, forward_coefficients, apply (parallel); small layer norm: normalize_groups;
     # tiny batch norm: forward_small, backward_small
     assert warm == {"used": 6, "hits": 6, "misses": 0, "registries_loaded": False, "arrayobj_loaded": False}
 
@@ -145,7 +145,9 @@ def test_every_parallel_kernel_has_one_parallel_loop():
     fastnorm.batch_norm(x, np.zeros(16), np.ones(16), training=False)
     y, ctx = fastnorm.layer_norm_forward(x, (32,))
     fastnorm.layer_norm_backward(y, ctx)
-    for name in ("moments", "normalize", "normalize_groups", "backward_reduce", "backward_fused", "backward_apply"):
+    parallel = sorted(name for name in dir(_cpu) if hasattr(getattr(_cpu, name), "parallel"))
+    assert parallel == ["apply", "backward_fused", "backward_reduce", "moments", "normalize_groups"]
+    for name in parallel:
         kernel = getattr(_cpu, name).parallel
         assert kernel.signatures, name
         fresh = njit(**dict(_cpu._JIT, cache=False))(kernel.py_func)

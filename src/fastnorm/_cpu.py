@@ -7,11 +7,12 @@ Every norm is one of two reduction shapes over that view (``_plan.py`` picks the
 * *column*: a group is ``cg`` adjacent columns of the rows ``x3[p, :, :]`` (channels-last
   ``(N, H·W, C)``; batch norm flattens the batch into the rows, ``(1, N·H·W, C)``).
 
-The family: ``moments`` (per-group mean and M2), ``normalize`` (y from per-group coefficients),
-``backward_reduce`` (Σdy, Σdy·x̂), ``backward_apply`` (dx from coefficients); and, for per-sample groups
-that fit in cache, the same formulas fused group by group: ``normalize_groups`` (2 passes over memory,
-not 3; the lane groups of layer/RMS/instance norm and channels-first group norm, and whole samples of
-channels-last instance/group norm) and ``backward_fused`` (3, not 5; the lane groups).
+The family: ``moments`` (per-group mean and M2), ``backward_reduce`` (Σdy, Σdy·x̂), ``apply`` (y or dx
+from per-group coefficients; ``normalize`` and ``backward_apply`` call it, the interface ``_cuda``
+shares); and, for per-sample groups that fit in cache, the same formulas fused group by group:
+``normalize_groups`` (2 passes over memory, not 3; the lane groups of layer/RMS/instance norm and
+channels-first group norm, and whole samples of channels-last instance/group norm) and
+``backward_fused`` (3, not 5; the lane groups).
 ``forward_small``/``backward_small`` run one whole forward/backward of an input below ``SERIAL_BELOW``
 in a single call: the serial builds of the kernels and the coefficient algebra of ``_math``, in order.
 
@@ -490,37 +491,6 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
 
 @_serial_if_small
 @njit(**_JIT)
-def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
-    """y = (x − mean)·scale + shift in float64, rounded once to y's dtype.
-
-    LANE: mean/scale/shift are ``[p, q]`` scalars;  COLUMN: ``[p, :]`` vectors over l;
-    ROW: y = (x − mean[p, q])·scale[p, q]·weight[l] + bias[l]  (``shift`` unused).
-    Subtracting the float64 mean first keeps float32 input at offset 1e6 exact to ~1e-7 relative.
-    """
-    P, Q, L = x3.shape
-    bc = mean.shape[0] == 1
-    per = _groups_per_block(L)
-    for blk in prange(-(-(P * Q) // per)):
-        p, q = divmod(blk * per, Q)
-        for _ in range(blk * per, min(blk * per + per, P * Q)):
-            pc = 0 if bc else p
-            v = x3[p, q]
-            o = y3[p, q]
-            if mode == COLUMN:
-                m = mean[pc]
-                s = scale[pc]
-                t = shift[pc]
-                for l in range(L):
-                    o[l] = (v[l] - m[l]) * s[l] + t[l]
-            elif mode == LANE:
-                _scale_shift(v, o, mean[pc, q], scale[pc, q], shift[pc, q])
-            else:
-                _scale_weight(v, o, mean[pc, q], scale[pc, q], weight, bias)
-            p, q = _advance(p, q, Q)
-
-
-@_serial_if_small
-@njit(**_JIT)
 def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, work, y3, stream):
     """Statistics and y of every per-sample group in one sweep: y = (x − μ)·rstd·w + b.
 
@@ -702,34 +672,62 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
 
 @_serial_if_small
 @njit(**_JIT)
-def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
-    """dx = dy·A + x·B + C in float64 — the input gradient of every norm, with coefficients from the plan.
+def apply(x3, dy3, mode, ca, cb, cc, weight, bias, o3):
+    """The elementwise pass of every norm, in float64, rounded once to o3's dtype.  Both directions are
+    one kernel, because each prange kernel costs ~1.4 s of cold compile and, as two, these cost 2.6 s
+    (parallel builds) where one costs ~1.8 s; a direction test per lane is ~1 ns.
 
-    Training: A = k·rstd·w, B = −k·rstd²·mean(g·x̂), C = −k·rstd·mean(g) − mean·B (k = r for batch
-    renorm, 1 otherwise); eval: A = w·rstd, B = C = 0.  Same coefficient layouts as ``normalize``;
-    ROW: dx = dy·A[p, q]·weight[l] + x·B[p, q] + C[p, q].
+    dy3 empty (``x3[:0]``) — y, the normalize pass: o = (x − A)·B + C.  A is the mean, B the scale,
+    C the shift; ROW: o = (x − A[p, q])·B[p, q]·weight[l] + bias[l] (C unused).  Subtracting the float64
+    mean first keeps float32 input at offset 1e6 exact to ~1e-7 relative.
+    dy3 given — dx: o = dy·A + x·B + C.  Training: A = k·rstd·w, B = −k·rstd²·mean(g·x̂),
+    C = −k·rstd·mean(g) − mean·B (k = r for batch renorm, 1 otherwise); eval: A = w·rstd, B = C = 0.
+    ROW: o = dy·A[p, q]·weight[l] + x·B[p, q] + C[p, q] (bias unused).
+
+    Coefficients (see the module docstring): LANE ``[p, q]`` scalars, COLUMN ``[p, :]`` vectors over l,
+    ROW per-row scalars; a first dimension of 1 is broadcast over p.
     """
     P, Q, L = x3.shape
     bc = ca.shape[0] == 1
+    fwd = dy3.size == 0
     per = _groups_per_block(L)
     for blk in prange(-(-(P * Q) // per)):
         p, q = divmod(blk * per, Q)
         for _ in range(blk * per, min(blk * per + per, P * Q)):
             pc = 0 if bc else p
-            d = dy3[p, q]
             v = x3[p, q]
-            o = dx3[p, q]
+            o = o3[p, q]
             if mode == COLUMN:
                 a = ca[pc]
                 b = cb[pc]
                 c = cc[pc]
-                for l in range(L):
-                    o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
+                if fwd:
+                    for l in range(L):
+                        o[l] = (v[l] - a[l]) * b[l] + c[l]
+                else:
+                    d = dy3[p, q]
+                    for l in range(L):
+                        o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
             elif mode == LANE:
-                _dx_lane(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+                if fwd:
+                    _scale_shift(v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+                else:
+                    _dx_lane(dy3[p, q], v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+            elif fwd:
+                _scale_weight(v, o, ca[pc, q], cb[pc, q], weight, bias)
             else:
-                _dx_row(d, v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)
+                _dx_row(dy3[p, q], v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)
             p, q = _advance(p, q, Q)
+
+
+def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
+    """y = (x − mean)·scale + shift (``apply`` without dy; the interface ``_cuda.normalize`` shares)."""
+    apply(x3, x3[:0], mode, mean, scale, shift, weight, bias, y3)
+
+
+def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
+    """dx = dy·A + x·B + C (``apply`` with dy; the interface ``_cuda.backward_apply`` shares)."""
+    apply(x3, dy3, mode, ca, cb, cc, weight, weight, dx3)
 
 
 # ---------------------------------------------------------------- whole calls for small inputs
@@ -742,8 +740,8 @@ def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
 # more modules on its first call, +70 ms): the caller passes the work arrays stacked, one allocation
 # per shape, and the driver takes them apart by their first index.
 
-_moments_serial, _normalize_serial = moments.serial, normalize.serial
-_reduce_serial, _apply_serial = backward_reduce.serial, backward_apply.serial
+_moments_serial, _apply_serial = moments.serial, apply.serial
+_reduce_serial = backward_reduce.serial
 
 
 @njit(inline="always")
@@ -775,9 +773,9 @@ def forward_small(x3, xs3, lane, cg, chunk, mode, group_size, n, eps, rms, batch
     forward_coefficients(mean, m2, n, eps, rms, batch_stats, running_mean, running_var, momentum, renorm, rmax,
                          dmax, weight, bias, group_size, expand, rstd, k, d, coef[0], coef[1], coef[2])
     if expand:
-        _normalize_serial(x3, mode, coef[0], coef[1], coef[2], weight, bias, y3)
+        _apply_serial(x3, x3[:0], mode, coef[0], coef[1], coef[2], weight, bias, y3)
     else:
-        _normalize_serial(x3, mode, mean, rstd, rstd, weight, bias, y3)
+        _apply_serial(x3, x3[:0], mode, mean, rstd, rstd, weight, bias, y3)
 
 
 @njit(**dict(_JIT, parallel=False))
@@ -795,7 +793,7 @@ def backward_small(dy3, x3, mode, rchunk, group_size, n, rms, batch_stats, mean,
                    rows[0], rows[1])
     backward_coefficients(sums[0], sums[1], weight, mean, rstd, k, d, renorm, n, rms, batch_stats, group_size, expand,
                           rows[0], rows[1], dweight, dbias, coef[0], coef[1], coef[2])
-    _apply_serial(dy3, x3, mode, coef[0], coef[1], coef[2], weight, dx3)
+    _apply_serial(x3, dy3, mode, coef[0], coef[1], coef[2], weight, weight, dx3)
 
 
 _cached(forward_small)
