@@ -88,7 +88,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     in the sweep that takes its statistics; a small CPU input runs ``_cpu.forward_small`` (the same
     steps in one compiled call); anything else takes the steps one kernel launch at a time.
     """
-    if _plan.on_host(x, weight, bias, out) and (running is None or _plan.on_host(*running)):
+    if _plan.on_host(x, weight, bias, out, *(running or ())):
         backend, K = "cpu", _cpu
     else:
         backend = _plan.backend(input=x, weight=weight, bias=bias, out=out,
@@ -174,7 +174,7 @@ def _output(view, out, dtype, cdtype, backend):
     """(result, out3, temporary): the array an op returns and the (P, Q, L) array its kernels write.
     out3 is a view of result — a new array laid out like the plan, or the user's ``out`` where it can be
     viewed so — or else a temporary (another layout, or float16) that ``_finish`` copies into result."""
-    if out is None and dtype == cdtype:              # the common case: a new array in the kernels' layout
+    if out is None and dtype is cdtype:              # the common case: a new array in the kernels' layout
         result, out3 = view.new3(dtype, backend)
         return result, out3, False
     result = view.empty(dtype, backend) if out is None else out
