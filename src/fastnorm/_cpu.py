@@ -26,6 +26,10 @@ plan), never the thread count; each prange iteration writes its own partial, and
 serially in a fixed order.  ``NUMBA_NUM_THREADS=1`` and ``=2`` therefore give bitwise identical results.
 
 Kernels never allocate and never validate: ``_plan.py`` does both, once.
+
+Precision: every value is computed in float64.  x, dy and weight/bias arrive in the input's dtype
+(float32 for float32 input: ``functional._vector``), so a product of two of them must take a float64
+factor first — Numba computes float32·float32 in float32.
 """
 import platform
 import types
@@ -370,7 +374,7 @@ def _row_sums(d, v, m0, r0, weight, a, b):
         xh = (v[l] - m0) * r0
         a[l] += d[l]
         b[l] += d[l] * xh
-        g = d[l] * weight[l]
+        g = np.float64(d[l]) * weight[l]       # float32 dy·weight would round g to float32
         sg += g
         sgx += g * xh
     return sg, sgx
