@@ -98,3 +98,22 @@ def test_traffic_counts_the_passes_of_the_plan():
     assert _bench._traffic("batch_norm", last, -1, 8) == unfused
     assert _bench._traffic("layer_norm", np.zeros((3, 64), np.float32), -1, 64) == fused
     assert _bench._traffic("rms_norm", np.zeros((2, _plan.CHUNK + 1), np.float32), -1, 1) == unfused
+
+
+def test_misses_name_each_target_and_the_bandwidth_it_takes():
+    """A 64 MiB row that moved 192 MiB (3 × input) in 10 ms on a 20 GB/s machine (torch 12 ms, NumPy
+    50 ms): fwd ≤ 0.5× torch means 6 ms, 192 MiB in 6 ms is 33.6 GB/s = 168% of copy; ≥ 10× NumPy means
+    5 ms, 201%; 192 MiB / 10 ms is 20.1 GB/s, 101% of copy, so the copy target is met.  A tiny row
+    misses by time only, without a bandwidth."""
+    big = dict(input_bytes=64 << 20, bytes_moved=192 << 20, mode="fwd", fastnorm_ms=10.0, torch_ms=12.0,
+               numpy_ms=50.0, fastnorm_over_torch=10 / 12, numpy_over_fastnorm=5.0)
+    big["pct_copy"] = 100 * (192 << 20) / 10e6 / 20.0
+    assert _bench._misses(big, 20.0) == ["torch≤0.5(168%)", "numpy≥10(201%)"]
+    assert _bench._misses(dict(big, fastnorm_ms=20.0, fastnorm_over_torch=20 / 12, pct_copy=50.0), 20.0) == [
+        "torch≤0.5(168%)", "numpy≥10(201%)", "copy≥70%"]
+    fast = dict(big, fastnorm_ms=4.0, fastnorm_over_torch=4 / 12, numpy_over_fastnorm=12.5, pct_copy=252.0)
+    assert _bench._misses(fast, 20.0) == []
+    tiny = dict(big, input_bytes=2048, bytes_moved=6144, fastnorm_ms=0.012, torch_ms=0.010,
+                fastnorm_over_torch=1.2, numpy_over_fastnorm=2.0, pct_copy=2.0)
+    assert _bench._misses(tiny, 20.0) == ["torch≤1"]
+    assert _bench._misses(dict(tiny, torch_ms=None, fastnorm_over_torch=None), 20.0) == []
