@@ -12,7 +12,7 @@ from per-group coefficients; ``normalize`` and ``backward_apply`` call it, the i
 shares); and, for per-sample groups that fit in cache, the same formulas fused group by group:
 ``normalize_groups`` (2 passes over memory, not 3; the lane groups of layer/RMS/instance norm and
 channels-first group norm, and whole samples of channels-last instance/group norm) and
-``backward_fused`` (3, not 5; the lane groups, from ``SERIAL_BELOW`` elements on).
+``backward_fused`` (3, not 5; the lane groups).
 ``forward_small``/``backward_small`` run one whole forward/backward of an input below ``SERIAL_BELOW``
 in a single call: the serial builds of the kernels and the coefficient algebra of ``_math``, in order.
 
@@ -610,7 +610,7 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
             _column_parts(pa, pb, p0, p1, sum_dy[pc], sum_dyx[pc])
 
 
-@_cached            # parallel only: inputs below SERIAL_BELOW take backward_small (functional._backward)
+@_serial_if_small
 @njit(**_JIT)
 def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, dx3, stream):
     """``backward_reduce`` and ``backward_apply`` fused for the lane groups ``normalize_groups`` serves: each

@@ -239,12 +239,11 @@ def _backward(grad_output, ctx):
     renorm = ctx.k is not None
     k, d = (ctx.k, ctx.d) if renorm else (_ONE, _ONE)
 
-    if ctx.batch_stats and view.fused and view.lane and ctx.backend == "cpu" and x3.size >= _cpu.SERIAL_BELOW:
+    if ctx.batch_stats and view.fused and view.lane and ctx.backend == "cpu" and x3.size:
         # the lane groups the forward fused take one fused backward too; ctx.k and ctx.sync are None here.
-        # A smaller input takes backward_small: a serial build of backward_fused cost 1.6 s of the cold
-        # compile, for tiny fwd+bwd calls that run at 0.15-0.45x torch's time either way (interleaved
-        # A/B: layer/RMS norm (16, 64) +0.9 µs of ~15, (4, 8, 8, 8) over rows of 8 +3.2 µs of ~23;
-        # group/instance norm (4, 8, 8, 8) 0.8-1 µs faster).
+        # Below SERIAL_BELOW this runs backward_fused's serial build (1.6 s of cold compile); routing those
+        # to backward_small instead took group norm (16, 64), G=32, fwd+bwd from 40 to 59 µs (its lanes
+        # are 1 element long; the fused groups are 2) and layer norm over rows of 8 +3 µs of 23.
         sum_dy, sum_dyx = np.empty(sums_shape), np.empty(sums_shape)
         pa, pb = np.empty(view.rparts), np.empty(view.rparts)
         _cpu.backward_fused(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
