@@ -306,7 +306,7 @@ class View:
 
     __slots__ = ("perm", "inverse", "identity", "moved_shape", "shape3", "stats3", "lane", "cg", "chunk",
                  "parts", "stats_shape", "mode", "groups", "group_size", "channels", "per_sample", "rchunk",
-                 "rparts", "fused")
+                 "rparts", "fused", "size")
 
     # perm: the input's axes in memory order (channels moved to 1 or last), inverse: back again;
     # identity: perm is 0, 1, …, so the input's order already is the kernels' (no transpose at all).
@@ -341,8 +341,11 @@ class View:
         if backend != "cpu":
             a = kernels(backend).view_empty(self, dtype)
             return a, kernels(backend).view3(self, a)
-        a3 = new_array(self.shape3, dtype)
-        return self.from3(a3), a3
+        # below REUSE_MIN_BYTES new_array is np.empty: asked here, from the planned size, a tiny call
+        # saves ~0.3 µs of its ~10 (new3 took 0.84 µs, np.empty 0.24)
+        small = self.size * dtype.itemsize < REUSE_MIN_BYTES
+        a3 = np.empty(self.shape3, dtype) if small else new_array(self.shape3, dtype)
+        return (a3.reshape(self.moved_shape) if self.identity else self.from3(a3)), a3
 
     def from3(self, a3):
         """Inverse of to3 for a kernel result: the input's shape and axis order (a view, no copy)."""
@@ -429,8 +432,10 @@ def _row_view(shape, ndim_normalized):
 
 
 def _backward_chunks(v):
-    """backward_reduce partials: chunks of each lane (LANE), or chunks of rows × columns (COLUMN, ROW)."""
+    """backward_reduce partials: chunks of each lane (LANE), or chunks of rows × columns (COLUMN, ROW);
+    and ``size``, the view's element count."""
     P, Q, L = v.shape3
+    v.size = P * Q * L
     if v.mode == _cpu.LANE:
         v.rchunk, v.rparts = CHUNK, (P, Q, _chunks(L))
     else:

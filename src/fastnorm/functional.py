@@ -110,8 +110,8 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     buffers = (none, none) if running is None else (_buffer(running[0]), _buffer(running[1]))
     m = -1.0 if momentum is None or not batch_stats or running is None else momentum     # < 0: no update
     rmax, dmax = (0.0, 0.0) if renorm is None else renorm
-    # batch renorm's r and d, written by the coefficient algebra (read only when renorm is given)
-    k, d = (_ONE, _ONE) if renorm is None else (np.ones((1, view.channels)), np.zeros((1, view.channels)))
+    # batch renorm's r and d, written whole by the coefficient algebra (read only when renorm is given)
+    k, d = (_ONE, _ONE) if renorm is None else (np.empty((1, view.channels)), np.empty((1, view.channels)))
 
     if batch_stats and view.fused and backend == "cpu" and x.size:
         mean, m2, rstd = np.empty(view.stats_shape), np.empty(view.stats_shape), np.empty(view.stats_shape)
