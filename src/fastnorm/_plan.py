@@ -123,11 +123,12 @@ def _after_fork():
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def new_array(shape, dtype):
+def new_array(shape, dtype, size=None):
     """``np.empty(shape, dtype)``; at REUSE_MIN_BYTES or more, in a buffer of an earlier output that
-    nothing refers to any more when one of that size is kept (see above)."""
+    nothing refers to any more when one of that size is kept (see above).  ``size``: the element count
+    when the caller knows it (saves math.prod, ~0.1 µs of a tiny call)."""
     dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = (math.prod(shape) if size is None else size) * dtype.itemsize
     if nbytes < REUSE_MIN_BYTES:
         return np.empty(shape, dtype)
     with _reuse_lock:
@@ -341,10 +342,7 @@ class View:
         if backend != "cpu":
             a = kernels(backend).view_empty(self, dtype)
             return a, kernels(backend).view3(self, a)
-        # below REUSE_MIN_BYTES new_array is np.empty: asked here, from the planned size, a tiny call
-        # saves ~0.2 µs of its ~10 (new3 took 0.84 µs, np.empty 0.24)
-        small = self.size * dtype.itemsize < REUSE_MIN_BYTES
-        a3 = np.empty(self.shape3, dtype) if small else new_array(self.shape3, dtype)
+        a3 = new_array(self.shape3, dtype, self.size)
         return self.from3(a3), a3
 
     def from3(self, a3):
