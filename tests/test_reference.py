@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastnorm
-from fastnorm import reference
+from fastnorm import _cpu, reference
 from cases import (CASE_IDS, CHANNEL_OPS, GRID, OPS, ROW_OPS, RUNNING_OPS, Call, arrange, assert_close,
                    case_call, check_against_reference, make_call)
 
@@ -104,6 +104,18 @@ def test_out(op, layout, dtype, out_layout, rng):
         assert_close(out, y_ref, what=f"out ({out_layout}) in {mode}")
         # the same call without out gives the same values
         np.testing.assert_array_equal(call.forward(fastnorm)[0], out)
+
+
+@pytest.mark.parametrize("n", [40, _cpu.SERIAL_BELOW // 1000 + 3])          # serial and parallel builds
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_not_aligned_to_its_item_size(dtype, n, rng):
+    """np.frombuffer at an odd byte offset: an out no element of which is aligned to its item size (Numba
+    types it apart, as an unaligned array) is written with the values of an aligned one."""
+    x = rng.standard_normal((n, 1000)).astype(dtype)
+    out = np.frombuffer(bytearray(x.nbytes + 1), dtype, offset=1).reshape(x.shape)
+    assert not out.flags.aligned and out.flags.writeable
+    assert fastnorm.layer_norm(x, (1000,), out=out) is out
+    np.testing.assert_array_equal(out, fastnorm.layer_norm(x, (1000,)))
 
 
 # ---------------------------------------------------------------- running statistics

@@ -31,16 +31,12 @@ Precision: every value is computed in float64.  x, dy and weight/bias arrive in 
 (float32 for float32 input: ``functional._vector``), so a product of two of them must take a float64
 factor first — Numba computes float32·float32 in float32.
 """
-import platform
 import types
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types as nbtypes
-from numba.core import cgutils
+from numba import njit, prange
 from numba.core.caching import FunctionCache
 from numba.core.runtime import rtsys
-from numba.extending import intrinsic
 
 from ._math import backward_coefficients, dx_coefficients, forward_coefficients, merge_into, update_running
 
@@ -122,100 +118,14 @@ BLOCK = 4096
 # says nothing while another prange loop remains in the function — the loop just runs serially.
 
 
-# ---------------------------------------------------------------- streaming stores
-#
-# A plain store to memory that is not in cache first reads the line (read-for-ownership), so writing
-# y costs two transfers; a non-temporal store writes the line without reading it.  np.copyto of 256 MiB
-# (glibc memcpy, non-temporal above its threshold) runs at 21 GB/s here, a prange copy loop at 12-18.
-# A layer-norm row kernel that stages each row in a stack buffer and streams it out measured 10.6 →
-# 12.7 GB/s on (8192, 1024) float32 (2 cores, four interleaved rounds, bitwise the same y).  Only for
-# outputs far larger than the cache (``STREAM_MIN_BYTES``): a streamed y is in memory, not in cache,
-# and a consumer that reads it right away would pay for that.
-STREAM_MIN_BYTES = 32 << 20
-STAGE = 2048          # elements of the per-thread stack buffer a row is staged in (8 or 16 KiB, in L1)
-
-
-def streams(mode, out3):
-    """Whether a fused row kernel writes ``out3`` with streaming stores (the ``stream`` argument)."""
-    return mode == ROW and out3.nbytes >= STREAM_MIN_BYTES
-
-
-@intrinsic
-def _stage(typingctx, like, n):
-    """A 1-D C array of ``n`` (a literal) elements of ``like``'s dtype on the calling thread's stack."""
-    if not isinstance(n, nbtypes.IntegerLiteral):
-        return None
-    size = n.literal_value
-    aty = nbtypes.Array(like.dtype, 1, "C")
-
-    def codegen(context, builder, sig, args):
-        et = context.get_data_type(aty.dtype)
-        data = cgutils.alloca_once(builder, ir.ArrayType(et, size))     # in the function's entry block
-        ary = context.make_array(aty)(context, builder)
-        intp = context.get_value_type(nbtypes.intp)
-        isz = context.get_abi_sizeof(et)
-        context.populate_array(ary, data=builder.bitcast(data, et.as_pointer()), shape=[ir.Constant(intp, size)],
-                               strides=[ir.Constant(intp, isz)], itemsize=ir.Constant(intp, isz), meminfo=None)
-        return ary._getvalue()
-    return aty(like, n), codegen
-
-
-@intrinsic
-def _stream(typingctx, dst, off, src, n):
-    """``dst.flat[off:off + n] = src[:n]`` (dst C-contiguous, same dtype) with non-temporal stores: plain
-    stores up to dst's next 32-byte boundary, then aligned 32-byte vectors, then a plain tail."""
-    def codegen(context, builder, sig, args):
-        d = context.make_array(sig.args[0])(context, builder, args[0])
-        s = context.make_array(sig.args[2])(context, builder, args[2])
-        et = context.get_data_type(sig.args[0].dtype)
-        isz = context.get_abi_sizeof(et)
-        i64 = ir.IntType(64)
-        c = lambda v: ir.Constant(i64, v)       # noqa: E731
-        count = args[3]
-        dbase = builder.gep(d.data, [args[1]])
-        misalign = builder.and_(builder.ptrtoint(dbase, i64), c(31))
-        head = builder.udiv(builder.and_(builder.sub(c(32), misalign), c(31)), c(isz))
-        head = builder.select(builder.icmp_signed("<", count, head), count, head)
-        # an array not aligned to its item size (np.frombuffer at an odd offset) never reaches a 32-byte
-        # boundary element by element: all plain stores
-        unaligned = builder.icmp_unsigned("!=", builder.and_(misalign, c(isz - 1)), c(0))
-        head = builder.select(unaligned, count, head)
-        with cgutils.for_range(builder, head) as loop:
-            builder.store(builder.load(builder.gep(s.data, [loop.index])), builder.gep(dbase, [loop.index]))
-        width = 32 // isz
-        vec = ir.VectorType(et, width)
-        nvec = builder.sdiv(builder.sub(count, head), c(width))
-        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        with cgutils.for_range(builder, nvec) as loop:
-            i = builder.add(head, builder.mul(loop.index, c(width)))
-            v = builder.load(builder.bitcast(builder.gep(s.data, [i]), vec.as_pointer()), align=isz)
-            st = builder.store(v, builder.bitcast(builder.gep(dbase, [i]), vec.as_pointer()), align=32)
-            st.set_metadata("nontemporal", nontemporal)
-        done = builder.add(head, builder.mul(nvec, c(width)))
-        with cgutils.for_range(builder, builder.sub(count, done)) as loop:
-            i = builder.add(done, loop.index)
-            builder.store(builder.load(builder.gep(s.data, [i])), builder.gep(dbase, [i]))
-        return context.get_dummy_value()
-    return nbtypes.void(dst, off, src, n), codegen
-
-
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
-@intrinsic
-def _fence(typingctx):
-    """This thread's non-temporal stores (weakly ordered) are visible before anything it does after,
-    such as signalling the end of its share of a prange.  x86: sfence, as glibc's memcpy after its
-    streaming loop (LLVM's ``fence seq_cst`` is a locked add there, not documented to drain them);
-    elsewhere the portable fence."""
-    def codegen(context, builder, sig, args):
-        if _X86:
-            fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
-            builder.call(fn, [])
-        else:
-            builder.fence("seq_cst")
-        return context.get_dummy_value()
-    return nbtypes.void(), codegen
+# Stores: plain.  Non-temporal stores of y/dx (each row staged in a stack buffer, then streamed) were
+# used for layer/RMS outputs of 32 MiB or more until 2026-12-07, and removed.  They had won on Zen 3
+# ((8192, 1024) forward 10.6 → 12.7 GB/s), but on Zen 4, in one process, interleaved (7 rounds, full
+# ops, buffers 64-byte aligned) plain stores were faster: forward (8192, 1024) 28.9 vs 25.3 GB/s,
+# (65536, 256) 26.2 vs 22.7, forward+backward (8192, 1024) 18.9 vs 15.1.  Unaligned they were far worse:
+# NumPy's large arrays start 16 bytes past a 64-byte boundary, so every row mixed plain and streaming
+# stores in its first and last lines — (65536, 256) forward 32 → 10 GB/s.  An alignment-aware rule
+# would still have lost on this VM; a CPU-specific one could not be tested here.
 
 
 @njit(inline="always")
@@ -495,7 +405,7 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
 
 @_serial_if_small
 @njit(**_JIT)
-def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, work, y3, stream):
+def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, work, y3):
     """Statistics and y of every per-sample group in one sweep: y = (x − μ)·rstd·w + b.
 
     The plan's ``fused`` groups: each is read from memory once and normalized while it is still in
@@ -506,8 +416,7 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
     LANE (instance norm, channels-first group norm) and ROW (layer/RMS norm): groups that fit in one
     moments chunk.  x3/y3 are the stats view ``(P, G, cg·S)``: group g holds channels g·cg … g·cg + cg − 1,
     S elements each.  weight/bias: ``(C,)`` one value per channel (LANE), or ``(S,)`` one per element
-    of a row (ROW, cg = 1).  stream (ROW only): write y with non-temporal stores, each row staged in a
-    stack buffer (see ``STREAM_MIN_BYTES``); same values.
+    of a row (ROW, cg = 1).
     COLUMN (instance/group norm, channels-last): x3/y3 ``(P, S, C)``, one sample per iteration — its
     column moments chunk by chunk (``chunk`` rows), merged into its groups, then its y while the
     sample is still in the last-level cache.  work ``(P, 2K + 2, C)``: the K chunks' means and M2s,
@@ -525,18 +434,9 @@ def normalize_groups(x3, mode, cg, chunk, eps, rms, weight, bias, mean, m2, rstd
     blocks = P if mode == COLUMN else -(-(P * G) // per)
     for blk in prange(blocks):
         if mode == ROW:           # layer/RMS norm: one group per row, weight per element
-            buf = _stage(y3, STAGE)
             for i in range(blk * per, min(blk * per + per, G)):
                 mean1[i], m21[i], rstd1[i] = _group_stats(x2[i], eps, rms)
-                if stream:
-                    for l0 in range(0, L, STAGE):
-                        l1 = min(L, l0 + STAGE)
-                        _scale_weight(x2[i, l0:l1], buf[:l1 - l0], mean1[i], rstd1[i], weight[l0:l1], bias[l0:l1])
-                        _stream(y3, i * L + l0, buf, l1 - l0)
-                else:
-                    _scale_weight(x2[i], y2[i], mean1[i], rstd1[i], weight, bias)
-            if stream:
-                _fence()
+                _scale_weight(x2[i], y2[i], mean1[i], rstd1[i], weight, bias)
         elif mode == COLUMN:      # channels-last instance/group norm: sample blk, S rows of C channels
             _normalize_columns(x3[blk], cg, chunk, eps, rms, weight, bias, mean[blk], m2[blk], rstd[blk],
                                work[blk], y3[blk])
@@ -612,7 +512,7 @@ def backward_reduce(dy3, x3, mode, chunk, mean, rstd, weight, pa, pb, sum_dy, su
 
 @_serial_if_small
 @njit(**_JIT)
-def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, dx3, stream):
+def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb, sum_dy, sum_dyx, dx3):
     """``backward_reduce`` and ``backward_apply`` fused for the lane groups ``normalize_groups`` serves: each
     group's sums, its dx coefficients (``dx_coefficients``), then its dx while dy and x are in cache —
     3× the input's bytes instead of 5×.  Training only (eval has no sums to take).
@@ -620,8 +520,7 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
     LANE (instance/group norm): x3/dy3/dx3 are the stats view ``(P, G, cg·S)``; Σdy and Σdy·x̂ per
     sample and channel go straight to ``sum_dy``/``sum_dyx`` ``(P, C)``; weight ``(C,)``.
     ROW (layer/RMS norm): ``(1, rows, D)``; every row is a group, processed in blocks of ``chunk`` rows
-    whose column partials ``pa``/``pb`` ``(1, K, D)`` are merged in fixed order into ``(1, D)``; stream:
-    dx is written as ``normalize_groups`` writes y when it streams.
+    whose column partials ``pa``/``pb`` ``(1, K, D)`` are merged in fixed order into ``(1, D)``.
     The channels-last samples ``normalize_groups`` fuses take backward_reduce → backward_apply: fused
     here too, their backward ran 8.0-9.1 → 4.7-5.7 ms on (32, 56, 56, 64), but cost ~13 s more cold
     compile of this kernel, which every layer/instance/group norm backward compiles.
@@ -654,22 +553,13 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
                 p, g = _advance(p, g, G)
         else:                           # ROW: a block of chunk rows
             p, k, a, b = _row_block(blk, K, pa, pb)
-            buf = _stage(dx3, STAGE)
             for q in range(k * chunk, min((k + 1) * chunk, G)):
                 m0 = mean[p, q]
                 r0 = rstd[p, q]
                 d, v = dy3[p, q], x3[p, q]
                 sg, sgx = _row_sums(d, v, m0, r0, weight, a, b)
                 B, C = dx_coefficients(r0, r0, m0, sg, sgx, n, rms)
-                if stream:
-                    for l0 in range(0, L, STAGE):
-                        l1 = min(L, l0 + STAGE)
-                        _dx_row(d[l0:l1], v[l0:l1], buf[:l1 - l0], r0, B, C, weight[l0:l1])
-                        _stream(dx3, (p * G + q) * L + l0, buf, l1 - l0)
-                else:
-                    _dx_row(d, v, dx3[p, q], r0, B, C, weight)
-            if stream:
-                _fence()
+                _dx_row(d, v, dx3[p, q], r0, B, C, weight)
     if not lane:
         _column_parts(pa, pb, 0, P, sum_dy[0], sum_dyx[0])
 

@@ -121,8 +121,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
             P, K, C = view.parts
             work = np.empty((P, 2 * K + 2, C))
         _cpu.normalize_groups(x3 if same else x3.reshape(view.stats3), view.mode, view.group_size, view.chunk, eps,
-                              rms, w, b, mean, m2, rstd, work, y3 if same else y3.reshape(view.stats3),
-                              _cpu.streams(view.mode, y3))
+                              rms, w, b, mean, m2, rstd, work, y3 if same else y3.reshape(view.stats3))
         if m >= 0:        # instance norm with running buffers
             update_running(*buffers, mean, m2, n, m)
     elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
@@ -248,7 +247,7 @@ def _backward(grad_output, ctx):
         pa, pb = np.empty(view.rparts), np.empty(view.rparts)
         _cpu.backward_fused(dy3.reshape(view.stats3), x3.reshape(view.stats3), view.mode, view.group_size,
                             view.rchunk, ctx.rms, ctx.n, ctx.mean, ctx.rstd, ctx.w, pa, pb, sum_dy, sum_dyx,
-                            dx3.reshape(view.stats3), _cpu.streams(view.mode, dx3))
+                            dx3.reshape(view.stats3))
         dbias, dweight = (sum_dy[0], sum_dyx[0]) if sums_shape[0] == 1 else (sum_dy.sum(0), sum_dyx.sum(0))
     elif ctx.backend == "cpu" and ctx.sync is None and 0 < x3.size < _cpu.SERIAL_BELOW:
         dweight, dbias = np.empty(X), np.empty(X)
