@@ -106,7 +106,7 @@ def test_out(op, layout, dtype, out_layout, rng):
         np.testing.assert_array_equal(call.forward(fastnorm)[0], out)
 
 
-@pytest.mark.parametrize("n", [40, _cpu.SERIAL_BELOW // 1000 + 3])          # serial and parallel builds
+@pytest.mark.parametrize("n", [(_cpu.SERIAL_BELOW - 1) // 1000, _cpu.SERIAL_BELOW // 1000 + 1])   # serial, parallel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_out_not_aligned_to_its_item_size(dtype, n, rng):
     """np.frombuffer at an odd byte offset: an out no element of which is aligned to its item size (Numba
