@@ -3,6 +3,7 @@ same op.  Timings are never asserted — only that every figure is a positive nu
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -117,3 +118,40 @@ def test_misses_name_each_target_and_the_bandwidth_it_takes():
                 fastnorm_over_torch=1.2, numpy_over_fastnorm=2.0, pct_copy=2.0)
     assert _bench._misses(tiny, 20.0) == ["torch≤1"]
     assert _bench._misses(dict(tiny, torch_ms=None, fastnorm_over_torch=None), 20.0) == []
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from fastnorm import _bench
+if sys.argv[1] == "reuse":
+    assert _bench._reuse_memory()
+np.ones(1 << 24, np.float32)                       # 64 MiB, touched, freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    np.ones(1 << 24, np.float32)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--reuse-memory is glibc's mallopt")
+def test_reuse_memory_hands_large_blocks_back_without_fresh_pages():
+    """``--reuse-memory``: a 64 MiB block freed and allocated again three times faults its pages in at
+    every allocation by default (glibc maps it afresh), and not again once the thresholds are raised
+    (minor page faults of a fresh interpreter)."""
+    def faults(mode):
+        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+    default, reuse = faults("default"), faults("reuse")
+    assert default >= 3 * 32, default          # at least one fault per 2 MiB huge page, per allocation
+    assert reuse * 10 < default, (reuse, default)
+
+
+def test_the_header_says_when_memory_reuse_is_on():
+    args = _bench._parser().parse_args(["--reuse-memory"])
+    header = _bench._header(None, {"np.copyto": 10.0}, args)
+    assert header["malloc"] == "mmap/trim thresholds 1024 MiB"
+    assert "glibc malloc: mmap/trim thresholds 1024 MiB (--reuse-memory)" in _bench._table(header, [], [], False)
+    header = _bench._header(None, {"np.copyto": 10.0}, _bench._parser().parse_args([]))
+    assert header["malloc"] == "default" and "glibc malloc: default\n" in _bench._table(header, [], [], False)

@@ -24,11 +24,14 @@ forward + backward (``fwd+bwd``) — it shows:
 
 Timing: the implementations run interleaved, in a rotating order, ``--repeat`` times; one sample is a
 batch of back-to-back calls lasting ≥ 50 ms, and the table shows the median sample divided by the
-calls in it.  The bench never changes the environment (threads, BLAS
-variables); the header prints what is set.  PyTorch and tqdm are imported here only: neither is a
+calls in it.  The bench never changes the environment (threads, BLAS variables); the header prints
+what is set.  ``--reuse-memory`` changes one thing in this process only, and the header says so:
+glibc's allocator then reuses large freed blocks instead of mapping fresh pages (``_reuse_memory``).  PyTorch and tqdm are imported here only: neither is a
 runtime dependency of fastnorm (both come with the ``bench`` extra).
 """
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import functools
 import gc
@@ -357,6 +360,25 @@ def _measure(fns, repeat):
     return samples, numbers
 
 
+# glibc maps every block of ≥ 32 MiB afresh (its mmap threshold stops adapting there) and the kernel
+# zeroes those pages on first touch, at every call that allocates one.  torch's layer norm of (8192,
+# 1024) float32, which returns a new 32 MiB tensor, took 11.8-12.8 ms per call here by default and
+# 2.3-3.3 ms after raising the thresholds; across three default bench runs its time swung 3.2-12.6 ms.
+# fastnorm reuses its large outputs itself (``_plan.new_array``); NumPy's temporaries pay the same as
+# torch.  With the thresholds raised, every column times its kernels rather than the allocator.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3           # mallopt parameters (malloc.h)
+REUSE_THRESHOLD = 1 << 30
+
+
+def _reuse_memory():
+    """Raise glibc's mmap and trim thresholds to 1 GiB in this process (``mallopt``): freed blocks below
+    that stay in the heap and are handed out again.  False where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, REUSE_THRESHOLD))
+
+
 def _copy_bandwidth(repeat=10):
     """Best copy GB/s (bytes = 2 × size) of a 256 MiB array: single-thread ``np.copyto`` and a prange
     copy on Numba's threads (on a 2-core VM the latter was 14 % faster, 30.3 vs 26.6 GB/s; taking the
@@ -443,6 +465,7 @@ def _header(torch, copy, args):
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "env": env, "copy_gbps": max(copy.values()), "copy_gbps_by_method": copy,
         "dtype": args.dtype, "repeat": args.repeat, "statistic": "median",
+        "malloc": f"mmap/trim thresholds {REUSE_THRESHOLD >> 20} MiB" if args.reuse_memory else "default",
         "targets": TARGETS,
     }
 
@@ -469,7 +492,8 @@ def _table(header, rows, skipped, out):
         + ", ".join(f"{k} {v:.1f}" for k, v in h["copy_gbps_by_method"].items())
         + "; 256 MiB, bytes = 2 × size, best before and after the ops)",
         f"{h['dtype']} · median of {h['repeat']} interleaved samples, each ≥ {1e3 * MIN_SAMPLE_S:.0f} ms of "
-        "back-to-back calls · fastnorm = plain call (allocates y)",
+        "back-to-back calls · fastnorm = plain call (allocates y) · glibc malloc: " + h["malloc"]
+        + (" (--reuse-memory)" if h["malloc"] != "default" else ""),
         "",
     ]
     cols = ["op", "shape", "axis", "mode", "fastnorm ms"] + (["out= ms"] if out else []) + [
@@ -485,7 +509,7 @@ def _table(header, rows, skipped, out):
                   _fmt_ratio(r["numpy_over_fastnorm"]), f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}",
                   ",".join(r["missed"])]
         table.append(cells)
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]     # table may be empty
     numeric = set(range(4, len(cols) - 1))
     for cells in [cols] + table:
         lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -536,6 +560,10 @@ def _parser():
     p.add_argument("--out", action="store_true",
                    help="add a column timing fastnorm with a preallocated out= (the default column "
                         "stays the plain call)")
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="raise glibc's mmap/trim thresholds in this process, so that large freed blocks "
+                        "(NumPy's temporaries, torch's outputs) are reused instead of mapped and zeroed "
+                        "afresh at every call: times kernels, not the allocator (glibc only)")
     p.add_argument("--json", metavar="PATH", help="also write the header and every row (with all samples) here")
     return p
 
@@ -548,6 +576,8 @@ def main(argv=None):
         parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
     if args.repeat < 1:
         parser.error("--repeat must be ≥ 1")
+    if args.reuse_memory and not _reuse_memory():
+        parser.error("--reuse-memory needs glibc's mallopt")
     try:
         from tqdm import tqdm
     except ImportError:
