@@ -26,8 +26,9 @@ Timing: the implementations run interleaved, in a rotating order, ``--repeat`` t
 batch of back-to-back calls lasting ≥ 50 ms, and the table shows the median sample divided by the
 calls in it.  The bench never changes the environment (threads, BLAS variables); the header prints
 what is set.  ``--reuse-memory`` changes one thing in this process only, and the header says so:
-glibc's allocator then reuses large freed blocks instead of mapping fresh pages (``_reuse_memory``).  PyTorch and tqdm are imported here only: neither is a
-runtime dependency of fastnorm (both come with the ``bench`` extra).
+glibc's allocator then reuses large freed blocks instead of mapping fresh pages (``_reuse_memory``).
+PyTorch and tqdm are imported here only: neither is a runtime dependency of fastnorm (both come with
+the ``bench`` extra).
 """
 import argparse
 import ctypes
@@ -376,7 +377,8 @@ def _reuse_memory():
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, REUSE_THRESHOLD))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, REUSE_THRESHOLD)
+                and libc.mallopt(M_TRIM_THRESHOLD, REUSE_THRESHOLD))
 
 
 def _copy_bandwidth(repeat=10):
