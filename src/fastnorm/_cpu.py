@@ -250,6 +250,15 @@ def _merge_columns(n, mu, M2, pmean, pm2, Q, chunk, l0, l1):
 
 
 @njit(inline="always")
+def _merge_each(n, rows, pmean, pm2, mu, M2):
+    """For every group g: (mu[g], M2[g]) of n elements merged (Chan) with a chunk of ``rows`` elements
+    whose partials are pmean[g]/pm2[g].  Every group has the same counts, so the loop over g vectorizes
+    (merge_into's division is loop-invariant)."""
+    for g in range(mu.size):
+        _, mu[g], M2[g] = merge_into(n, mu[g], M2[g], rows, pmean[g], pm2[g])
+
+
+@njit(inline="always")
 def _scale_shift(v, o, m0, s0, t0):
     """o = (v − m0)·s0 + t0: one scale and shift per lane."""
     for l in range(v.size):
@@ -402,15 +411,11 @@ def moments(x3, lane, cg, chunk, pmean, pm2, mean, m2):
             n = 0.0
             for p in range(p0, p1):
                 for k in range(K):
+                    rows = min(chunk, (L if lane else Q) - k * chunk)
                     if lane:
-                        rows = min(chunk, L - k * chunk)
-                        for g in range(G):
-                            _, mu[g], M2[g] = merge_into(n, mu[g], M2[g], rows, pmean[p, g, k], pm2[p, g, k])
+                        _merge_each(n, rows, pmean[p, :, k], pm2[p, :, k], mu, M2)
                     else:
-                        rows = min(chunk, Q - k * chunk)
-                        a, b = pmean[p, k], pm2[p, k]
-                        for g in range(G):
-                            _, mu[g], M2[g] = merge_into(n, mu[g], M2[g], rows, a[g], b[g])
+                        _merge_each(n, rows, pmean[p, k], pm2[p, k], mu, M2)
                     n += rows
         else:                           # cg adjacent columns per group: merged in sequence, group by group
             for g in range(G):
