@@ -1,5 +1,6 @@
 """Reuse of large output buffers (``_plan.new_array``): a buffer is handed out again only when no array
-refers to it, results stay correct, and threads never share one.
+refers to it, results stay correct, and threads never share one.  And the one shared vector that
+stands for a missing weight or bias.
 
 Most tests lower ``REUSE_MIN_BYTES`` so that small inputs take the large-output path; one runs at the
 real threshold (32 MiB).
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 
 import fastnorm
-from cases import assert_close, tol_for
-from fastnorm import _plan, reference
+from cases import CHANNEL_OPS, OPS, assert_close, check_against_reference, make_call, tol_for
+from fastnorm import _plan, functional, reference
 
 
 @pytest.fixture
@@ -142,3 +143,24 @@ def test_real_threshold_reuse(rng):
     y = _ln(x)
     assert y.__array_interface__["data"][0] == address
     assert_close(y[:64], reference.layer_norm(x[:64], (1024,)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", list(OPS))
+def test_the_shared_vector_of_a_missing_weight_is_never_written(op, dtype, rng):
+    """weight=None and bias=None become one cached vector of ones / zeros per length and dtype
+    (``functional._filled``), shared by every call.  After each mode's forward and backward, with the
+    caller overwriting everything returned, the vectors still hold 1 and 0 and a new call still
+    matches the reference."""
+    x = rng.standard_normal((2, 6, 5) if op in CHANNEL_OPS else (4, 6)).astype(dtype)
+    C = 6
+    for mode in OPS[op].modes:
+        call = make_call(op, x, mode=mode, rng=rng, weight=False, bias=False, groups=3)
+        y, ctx, _ = call.forward(fastnorm)
+        dx, _, _ = call.backward(fastnorm, np.ones_like(x), ctx)
+        y[...] = np.nan
+        dx[...] = np.nan
+        cdtype = np.dtype(dtype)
+        np.testing.assert_array_equal(functional._filled(1.0, C, cdtype), np.ones(C, cdtype))
+        np.testing.assert_array_equal(functional._filled(0.0, C, cdtype), np.zeros(C, cdtype))
+        check_against_reference(call, rng)
