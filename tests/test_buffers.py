@@ -145,6 +145,26 @@ def test_real_threshold_reuse(rng):
     assert_close(y[:64], reference.layer_norm(x[:64], (1024,)))
 
 
+def test_release_memory_forgets_every_kept_buffer(small_threshold, rng):
+    """release_memory() frees the kept buffers nothing uses (and says how many bytes), forgets the busy
+    ones without touching their data, and the next large output is a new buffer that is kept again."""
+    x1, x2 = rng.standard_normal((2, 64, 64)).astype(np.float32)
+    busy = _ln(x1)
+    expected = busy.copy()
+    free = _ln(x2)
+    freed_bytes = free.nbytes
+    del free
+    assert len(_plan._reusable) == 2
+    assert fastnorm.release_memory() == freed_bytes
+    assert _plan._reusable == []
+    np.testing.assert_array_equal(busy, expected)
+    y = _ln(x2)
+    assert not np.shares_memory(y, busy)
+    assert len(_plan._reusable) == 1 and _owner(y) is _plan._reusable[0]
+    assert_close(y, reference.layer_norm(x2, (64,)))
+    assert fastnorm.release_memory() == 0       # y still refers to its buffer
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("op", list(OPS))
 def test_the_shared_vector_of_a_missing_weight_is_never_written(op, dtype, rng):

@@ -16,3 +16,4 @@ from .functional import (  # noqa: F401
     rms_norm, rms_norm_backward, rms_norm_forward,
 )
 from .layers import BatchNorm, BatchRenorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm  # noqa: F401
+from ._plan import release_memory  # noqa: F401

@@ -147,6 +147,15 @@ def new_array(shape, dtype, size=None):
         return buffer.view(dtype).reshape(shape)
 
 
+def release_memory():
+    """Forget every kept output buffer (see above); returns the bytes freed now, those of the buffers
+    nothing referred to.  A buffer still in use is freed with the last array that refers to it."""
+    with _reuse_lock:
+        freed = sum(_reusable[i].nbytes for i in range(len(_reusable)) if sys.getrefcount(_reusable[i]) == _FREE)
+        _reusable.clear()
+    return freed
+
+
 def on_host(*arrays):
     """True when every array argument is a NumPy array (or None): the common case, ~0.2 µs."""
     for a in arrays:
