@@ -155,3 +155,47 @@ def test_the_header_says_when_memory_reuse_is_on():
     assert "glibc malloc: mmap/trim thresholds 1024 MiB (--reuse-memory)" in _bench._table(header, [], [], False)
     header = _bench._header(None, {"np.copyto": 10.0}, _bench._parser().parse_args([]))
     assert header["malloc"] == "default" and "glibc malloc: default\n" in _bench._table(header, [], [], False)
+
+
+_AGAINST = """
+import sys
+import numpy as np
+import fastnorm
+from fastnorm import _bench
+other = _bench._load_against(sys.argv[1])
+assert other.__name__ == _bench.AGAINST and other is not fastnorm and other._cpu is not fastnorm._cpu
+x = np.random.default_rng(0).standard_normal((4, 8, 8, 8)).astype(np.float32)
+np.testing.assert_array_equal(other.group_norm(x, 4), fastnorm.group_norm(x, 4))
+print(other.__file__)
+"""
+
+
+def test_against_times_another_tree_beside_this_one(tmp_path):
+    """--against PATH imports a second fastnorm — a checkout or its src/fastnorm — as its own module
+    (here this very tree: same results, separate modules), adds its columns to the table and the JSON,
+    and names a path without a package as a usage error."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_bench.__file__)))      # …/src
+    root = os.path.dirname(root)                                                    # the checkout
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    for path in (root, os.path.join(root, "src", "fastnorm")):
+        proc = subprocess.run([sys.executable, "-c", _AGAINST, path], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == os.path.join(root, "src", "fastnorm", "__init__.py")
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastnorm", "bench", "--ops", "layer_norm", "--shapes", "16x64", "--repeat", "2",
+         "--against", root, "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "against ms" in proc.stdout and "fn/against" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["header"]["against"]["path"] == os.path.join(root, "src", "fastnorm")
+    for row in report["rows"]:
+        assert row["against_ms"] > 0 and math.isfinite(row["fastnorm_over_against"]), row
+        assert len(row["samples_ms"]["against"]) == 2
+
+    proc = subprocess.run([sys.executable, "-m", "fastnorm", "bench", "--against", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no fastnorm package there" in proc.stderr

@@ -20,7 +20,11 @@ forward + backward (``fwd+bwd``) — it shows:
   x, write dx); channels-last instance/group norm fuses its forward only (from 4 samples on: 2 × and
   7 ×) — as a percentage of the best copy bandwidth measured in the same process;
 * ``missed``: which targets of issue 5 the row misses (see ``TARGETS``), each time target with the
-  bandwidth meeting it would take, as % of copy (``_misses``).
+  bandwidth meeting it would take, as % of copy (``_misses``);
+* with ``--against PATH``, ``against ms`` and ``fn/against``: the same calls on another fastnorm tree
+  (another checkout, another commit) imported beside this one (``_load_against``), so that a change is
+  timed against its base in one process, interleaved — on a shared machine whose bandwidth moves 2×
+  within minutes, two separate runs (or asv's one process per benchmark) cannot tell 10% apart.
 
 Timing: the implementations run interleaved, in a rotating order, ``--repeat`` times; one sample is a
 batch of back-to-back calls lasting ≥ 50 ms, and the table shows the median sample divided by the
@@ -36,6 +40,7 @@ import ctypes.util
 import datetime
 import functools
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -231,18 +236,39 @@ def _fastnorm_args(op, x, w, b, running_mean, running_var, axis, groups):
     return (x, x.shape[-1:], w), {}                             # rms_norm: eps=None, machine epsilon
 
 
-def _fastnorm_impls(op, x, dy, w, b, running_mean, running_var, axis, groups, out=None):
-    """{mode: callable}; with ``out`` (a preallocated y), every forward writes into it."""
+def _fastnorm_impls(op, x, dy, w, b, running_mean, running_var, axis, groups, out=None, module=fastnorm):
+    """{mode: callable}; with ``out`` (a preallocated y), every forward writes into it.  ``module``: this
+    fastnorm, or the ``--against`` tree."""
     args, kwargs = _fastnorm_args(op, x, w, b, running_mean, running_var, axis, groups)
     if out is not None:
         kwargs["out"] = out
-    forward, backward = getattr(fastnorm, op + "_forward"), getattr(fastnorm, op + "_backward")
+    forward, backward = getattr(module, op + "_forward"), getattr(module, op + "_backward")
 
     def fwd_bwd():
         y, ctx = forward(*args, **kwargs)
         return y, backward(dy, ctx)
 
-    return {"fwd": functools.partial(getattr(fastnorm, op), *args, **kwargs), "fwd+bwd": fwd_bwd}
+    return {"fwd": functools.partial(getattr(module, op), *args, **kwargs), "fwd+bwd": fwd_bwd}
+
+
+AGAINST = "fastnorm_against"        # the module name of the --against tree
+
+
+def _load_against(path):
+    """The fastnorm package of another tree — ``path`` is a checkout or its ``src/fastnorm`` — imported
+    beside this one as ``fastnorm_against``.  Its modules import each other relatively, so the two
+    never mix; each compiles and caches its own kernels (Numba's cache follows the source files)."""
+    package = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(package, "__init__.py")):
+        package = os.path.join(package, "src", "fastnorm")
+    init = os.path.join(package, "__init__.py")
+    if not os.path.isfile(init):
+        raise FileNotFoundError(f"--against {path}: no fastnorm package there (looked for {init})")
+    spec = importlib.util.spec_from_file_location(AGAINST, init, submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[AGAINST] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _torch_impls(torch, op, x, dy, w, b, running_mean, running_var, perm, groups):
@@ -275,9 +301,9 @@ def _torch_impls(torch, op, x, dy, w, b, running_mean, running_var, perm, groups
     return {"fwd": functools.partial(call, xt, wt, bt), "fwd+bwd": fwd_bwd}
 
 
-def _setup(op, shape, layout, dtype, torch, out):
+def _setup(op, shape, layout, dtype, torch, out, against=None):
     """Seeded inputs, then {column: {mode: callable}} for one case.  Each column gets its own running
-    statistics (training updates them in place)."""
+    statistics (training updates them in place).  ``against``: the --against module, or None."""
     rng = np.random.default_rng(0)
     nd = len(shape)
     axis = -1 if layout == CL else 1
@@ -293,6 +319,8 @@ def _setup(op, shape, layout, dtype, torch, out):
     x, dy = randn(*shape), randn(*shape)
     w, b = 1 + 0.1 * randn(C), 0.1 * randn(C)
     columns = {"fastnorm": _fastnorm_impls(op, x, dy, w, b, *running(), axis, groups)}
+    if against is not None:
+        columns["against"] = _fastnorm_impls(op, x, dy, w, b, *running(), axis, groups, module=against)
     if out:
         columns["fastnorm_out"] = _fastnorm_impls(op, x, dy, w, b, *running(), axis, groups, np.empty_like(x))
     columns["numpy"] = dict(zip(MODES, _numpy_impls(op, x, dy, w, b, *running(),
@@ -317,9 +345,9 @@ def _traffic(op, x, axis, groups):
     return {"fwd": 2, "fwd+bwd": 5 if view.lane else 7}
 
 
-def _run_case(op, shape, layout, args, torch, bar):
+def _run_case(op, shape, layout, args, torch, bar, against=None):
     """The rows of one case; its arrays are freed on return, before the next case allocates."""
-    columns, groups, input_bytes, traffic = _setup(op, shape, layout, args.dtype, torch, args.out)
+    columns, groups, input_bytes, traffic = _setup(op, shape, layout, args.dtype, torch, args.out, against)
     rows = []
     for mode in MODES:
         bar.set_description(f"{op} {_fmt_shape(shape)} {mode}")
@@ -441,6 +469,9 @@ def _row(op, shape, layout, mode, dtype, groups, input_bytes, passes, samples, n
     }
     if "fastnorm_out" in ms:
         row["fastnorm_out_ms"] = ms["fastnorm_out"]
+    if "against" in ms:
+        row["against_ms"] = ms["against"]
+        row["fastnorm_over_against"] = ms["fastnorm"] / ms["against"]
     return row
 
 
@@ -455,7 +486,7 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _header(torch, copy, args):
+def _header(torch, copy, args, against=None):
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NUMBA_NUM_THREADS",
                                           "OMP_NUM_THREADS")}
     return {
@@ -469,6 +500,8 @@ def _header(torch, copy, args):
         "dtype": args.dtype, "repeat": args.repeat, "statistic": "median",
         "malloc": f"mmap/trim thresholds {REUSE_THRESHOLD >> 20} MiB" if args.reuse_memory else "default",
         "targets": TARGETS,
+        "against": None if against is None else {"path": os.path.dirname(against.__file__),
+                                                 "fastnorm": against.__version__},
     }
 
 
@@ -498,7 +531,9 @@ def _table(header, rows, skipped, out):
         + (" (--reuse-memory)" if h["malloc"] != "default" else ""),
         "",
     ]
-    cols = ["op", "shape", "axis", "mode", "fastnorm ms"] + (["out= ms"] if out else []) + [
+    against = h.get("against")
+    cols = ["op", "shape", "axis", "mode", "fastnorm ms"] + (["out= ms"] if out else []) + (
+        ["against ms", "fn/against"] if against else []) + [
         "numpy ms", "torch ms", "fn/torch", "np/fn", "GB/s", "%copy", "missed"]
     table = []
     for r in rows:
@@ -507,6 +542,8 @@ def _table(header, rows, skipped, out):
         cells = [op, _fmt_shape(r["shape"]), axis, r["mode"], _fmt_ms(r["fastnorm_ms"])]
         if out:
             cells.append(_fmt_ms(r["fastnorm_out_ms"]))
+        if against:
+            cells += [_fmt_ms(r["against_ms"]), _fmt_ratio(r["fastnorm_over_against"])]
         cells += [_fmt_ms(r["numpy_ms"]), _fmt_ms(r["torch_ms"]), _fmt_ratio(r["fastnorm_over_torch"]),
                   _fmt_ratio(r["numpy_over_fastnorm"]), f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}",
                   ",".join(r["missed"])]
@@ -534,6 +571,9 @@ def _table(header, rows, skipped, out):
         lines.append("batch_renorm: the torch column is torch batch_norm (torch has no batch renorm).")
     if out:
         lines.append("out= ms: fastnorm with a preallocated out= (the forward's output), not the default call.")
+    if against:
+        lines.append(f"against ms: the same calls on the fastnorm {against['fastnorm']} tree at {against['path']}, "
+                     "interleaved with this one in this process; fn/against < 1: this tree is faster.")
     lines += [f"skipped: {s}" for s in skipped]
     return "\n".join(lines)
 
@@ -566,6 +606,10 @@ def _parser():
                    help="raise glibc's mmap/trim thresholds in this process, so that large freed blocks "
                         "(NumPy's temporaries, torch's outputs) are reused instead of mapped and zeroed "
                         "afresh at every call: times kernels, not the allocator (glibc only)")
+    p.add_argument("--against", metavar="PATH",
+                   help="also time another fastnorm tree (a checkout or its src/fastnorm, e.g. a git "
+                        "worktree of the base commit) in this process, interleaved: columns 'against ms' "
+                        "and 'fn/against'")
     p.add_argument("--json", metavar="PATH", help="also write the header and every row (with all samples) here")
     return p
 
@@ -588,20 +632,24 @@ def main(argv=None):
         import torch
     except ImportError:
         torch = None
+    try:
+        against = None if args.against is None else _load_against(args.against)
+    except FileNotFoundError as e:
+        parser.error(str(e))
 
     cases, skipped = _cases(args)
     copy = _copy_bandwidth()
     rows = []
     with tqdm(total=len(cases) * len(MODES), unit="row", disable=None) as bar:
         for op, shape, layout in cases:
-            rows += _run_case(op, shape, layout, args, torch, bar)
+            rows += _run_case(op, shape, layout, args, torch, bar, against)
     after = _copy_bandwidth()
     copy = {name: max(gbps, after[name]) for name, gbps in copy.items()}
     for row in rows:
         row["pct_copy"] = 100 * row["gbps"] / max(copy.values())
         row["missed"] = _misses(row, max(copy.values()))
 
-    header = _header(torch, copy, args)
+    header = _header(torch, copy, args, against)
     print(_table(header, rows, skipped, args.out))
     if args.json:
         with open(args.json, "w") as f:
