@@ -206,3 +206,64 @@ def test_concurrent_calls_from_python_threads():
         assert len(result) == len(alone[j])
         for a, e in zip(result, alone[j]):
             assert_bitwise(a, e, what=f"job {j}")
+
+
+# ---------------------------------------------------------------- float16 in and out
+
+@pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE, reason="no hardware float16 conversion: NumPy converts")
+@pytest.mark.parametrize("n", [1000, _cpu.SERIAL_BELOW + 4097], ids=["serial", "parallel"])
+def test_cast_half_converts_exactly_as_numpy(n, rng):
+    """_cpu.cast_half against NumPy's casts: every float16 bit pattern widened to float32, and random
+    float32 bit patterns plus the edges (largest half, the overflow boundary, subnormals, ±0, ±inf)
+    rounded to float16 — bitwise, NaN as NaN — in the serial and the parallel build."""
+    bits = np.resize(np.arange(1 << 16, dtype=np.uint16), n)
+    wide = np.empty(n, np.float32)
+    _cpu.cast_half(bits, wide)
+    expected = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(np.isnan(wide), np.isnan(expected))
+    assert_bitwise(wide[~np.isnan(expected)], expected[~np.isnan(expected)], "float16 → float32")
+
+    edges = np.float32([65504, 65519.99, 65520, 1e30, 2.98e-8, 2.9802322e-8, 5.96e-8, 6.1e-5, 6.1035156e-5,
+                        -0.0, 0.0, np.inf, -np.inf, np.nan])
+    values = np.resize(np.concatenate([edges, rng.integers(0, 1 << 32, n, dtype=np.uint32).view(np.float32)]), n)
+    narrow = np.empty(n, np.uint16)
+    _cpu.cast_half(values, narrow)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(np.float16)
+    got = narrow.view(np.float16)
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    assert_bitwise(got[~np.isnan(expected)], expected[~np.isnan(expected)], "float32 → float16")
+
+
+@pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE, reason="no hardware float16 conversion: NumPy converts")
+@pytest.mark.parametrize("case", ["contiguous", "channels_last", "strided", "out_fortran"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_float16_results_are_those_of_numpy_conversion(op, case, rng, monkeypatch):
+    """float16 input converted by cast_half (in to3, out in put) gives bitwise the results of NumPy's
+    astype/copyto path, forward and backward: a view of the output, and an out= that the plan cannot
+    view (Fortran order), which goes through a temporary."""
+    shape = (4, 6, 9, 5) if OPS[op].kind == "channel" else (6, 9, 5)
+    x = rng.standard_normal(shape).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    if case == "channels_last" and OPS[op].kind == "channel":
+        x, dy = np.moveaxis(np.moveaxis(x, 1, -1).copy(), -1, 1), np.moveaxis(np.moveaxis(dy, 1, -1).copy(), -1, 1)
+    elif case == "strided":
+        x, dy = np.repeat(x, 2, axis=-1)[..., ::2], np.repeat(dy, 2, axis=-1)[..., ::2]
+    extra = dict(groups=3) if op == "group_norm" else {}
+    if OPS[op].kind == "channel":
+        extra["axis"] = 1
+
+    def run():
+        out = np.empty(shape, np.float16, order="F") if case == "out_fortran" else None
+        call = make_call(op, x, rng=np.random.default_rng(7), **extra, **({} if out is None else {"out": out}))
+        y, ctx, _ = call.forward(fastnorm)
+        assert out is None or y is out
+        dx = call.backward(fastnorm, dy, ctx)[0]
+        return y, dx
+
+    fast = run()
+    monkeypatch.setattr(_cpu, "HALF_IN_HARDWARE", False)
+    slow = run()
+    for name, a, b in zip(("y", "dx"), fast, slow):
+        assert a.dtype == np.float16
+        assert_bitwise(a, b, name)

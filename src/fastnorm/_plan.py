@@ -327,11 +327,18 @@ class View:
         array laid out otherwise (or of another dtype).  Device arrays: ``_cuda.to3``."""
         if not isinstance(a, np.ndarray):
             return kernels("cuda").to3(self, a, dtype)
+        half = False                        # float16 → float32: converted below, in parallel
         if dtype is not None and a.dtype != dtype:
-            a = a.astype(dtype)
+            half = a.dtype == _F16 and dtype == _F32 and _cpu.HALF_IN_HARDWARE
+            if not half:
+                a = a.astype(dtype)
         a3 = a.reshape(self.shape3) if self.identity else a.transpose(self.perm).reshape(self.shape3)
         # reshape copies iff it must, but a strided input (x[::2]) can reshape to a non-contiguous view
-        return a3 if a3.flags.c_contiguous else np.ascontiguousarray(a3)
+        a3 = a3 if a3.flags.c_contiguous else np.ascontiguousarray(a3)
+        if half:
+            a3, bits = new_array(self.shape3, _F32, a3.size), a3
+            _cpu.cast_half(bits.reshape(-1).view(np.uint16), a3.reshape(-1))
+        return a3
 
     def view3(self, a):
         """Like to3, but None where ``a`` cannot be viewed without a copy (so results cannot be written into it)."""
@@ -364,6 +371,13 @@ class View:
         """dst (the input's shape and axis order) ← the kernel result a3, cast to dst's dtype."""
         if not isinstance(dst, np.ndarray):
             return kernels("cuda").put3(self, a3, dst)
+        if dst.dtype == _F16 and a3.dtype == _F32 and _cpu.HALF_IN_HARDWARE:     # see _cpu.cast_half
+            d3 = self.view3(dst)
+            bits = new_array(self.shape3, np.uint16, a3.size) if d3 is None else d3.view(np.uint16)
+            _cpu.cast_half(a3.reshape(-1), bits.reshape(-1))
+            if d3 is not None:
+                return
+            a3 = bits.view(_F16)
         np.copyto(dst, self.from3(a3), casting="unsafe")
 
 
