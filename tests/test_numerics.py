@@ -1,6 +1,7 @@
 """Numerics (semantics.md): accuracy at an offset, NaN/inf confinement, bitwise thread-count
 determinism, and concurrent calls from Python threads."""
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -267,3 +268,20 @@ def test_float16_results_are_those_of_numpy_conversion(op, case, rng, monkeypatc
     for name, a, b in zip(("y", "dx"), fast, slow):
         assert a.dtype == np.float16
         assert_bitwise(a, b, name)
+
+
+@pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="needs an x86 CPU with F16C, to compile without it")
+def test_float16_without_f16c_in_numbas_target_converts_with_numpy(tmp_path):
+    """NUMBA_CPU_FEATURES without F16C: Numba's code may not use it (the half conversion would call an
+    unlinked helper: a crash, measured), so HALF_IN_HARDWARE is False and NumPy converts."""
+    from llvmlite import binding
+    features = binding.get_host_cpu_features().flatten().replace("+f16c", "-f16c")
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
+    script = ("import numpy as np, fastnorm\nfrom fastnorm import _cpu, reference\n"
+              "x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float16)\n"
+              "y = fastnorm.layer_norm(x, (64,))\n"
+              "assert not _cpu.HALF_IN_HARDWARE and y.dtype == np.float16\n"
+              "np.testing.assert_allclose(y, reference.layer_norm(x.astype(np.float64), (64,)), atol=4e-3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
