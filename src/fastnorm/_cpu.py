@@ -32,9 +32,8 @@ Precision: every value is computed in float64.  x, dy and weight/bias arrive in 
 (float32 for float32 input: ``functional._vector``), so a product of two of them must take a float64
 factor first — Numba computes float32·float32 in float32.
 """
-import types
-
 import platform
+import types
 
 import numpy as np
 from llvmlite import binding as llvm
