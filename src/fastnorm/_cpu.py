@@ -36,12 +36,12 @@ import platform
 import types
 
 import numpy as np
-from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange
 from numba import types as nbtypes
 from numba.core import config
 from numba.core.caching import FunctionCache
+from numba.core.codegen import get_host_cpu_features
 from numba.core.runtime import rtsys
 from numba.extending import intrinsic
 
@@ -662,10 +662,11 @@ def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
 # NumPy does (to nearest even, overflow to inf, subnormals kept): bitwise equal on all 65536 half
 # patterns in, and on 4M random float32 bit patterns and the edge values out (NaN stays NaN).  Numba
 # has no float16 on the CPU, so the kernel takes the half bits as uint16.  Only where the CPU Numba
-# compiles for converts in hardware — x86 with F16C (NUMBA_CPU_FEATURES, else the host's), or ARMv8,
-# where it is the base instruction set; elsewhere LLVM would call compiler-rt helpers that Numba does
-# not link, and NumPy converts.
-_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm.get_host_cpu_features().flatten()
+# compiles for converts in hardware — x86 with F16C (NUMBA_CPU_FEATURES, else the host's as Numba
+# reads them: its get_host_cpu_features, which also applies NUMBA_ENABLE_AVX), or ARMv8, where it is
+# the base instruction set; elsewhere LLVM would call compiler-rt helpers that Numba does not link, and
+# NumPy converts.
+_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
 HALF_IN_HARDWARE = platform.machine() in ("aarch64", "arm64") or "+f16c" in _FEATURES.split(",")
 
 
