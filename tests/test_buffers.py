@@ -90,6 +90,28 @@ def test_at_most_the_slots_are_kept_and_busy_buffers_are_not_evicted(small_thres
     del held, owners, kept
 
 
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_an_input_copy_comes_from_the_kept_buffers_and_lives_as_long_as_its_context(small_threshold, rng, layout):
+    """An input that must be copied into the kernels' layout is copied into a kept buffer (a fresh one of
+    ≥ 32 MiB pays its page faults: layer norm of a sliced (8192, 1024) took 9.4 ms, 2.7 contiguous).
+    The context of its forward refers to the copy, so later calls never overwrite it before backward."""
+    def sample():
+        a = rng.standard_normal((16, 8, 12, 24)).astype(np.float32)
+        return a[..., ::2] if layout == "sliced" else a[..., :12].transpose(0, 2, 1, 3)
+    x1, dy = sample(), sample()
+    before = x1.copy()
+    _, ctx = fastnorm.batch_norm_forward(x1, None, None, training=True)
+    assert any(np.shares_memory(ctx.x3, b) for b in _plan._reusable), "the input copy is a kept buffer"
+    for _ in range(_plan.REUSE_SLOTS + 2):          # more large calls than there are kept buffers
+        x2 = sample()
+        fastnorm.batch_norm(x2, None, None, training=True)
+        assert not np.shares_memory(ctx.x3, x2)
+    dx, _, _ = fastnorm.batch_norm_backward(dy, ctx)
+    np.testing.assert_array_equal(x1, before)
+    _, ctx_ref = reference.batch_norm_forward(x1, None, None, training=True)
+    assert_close(dx, reference.batch_norm_backward(dy, ctx_ref)[0])
+
+
 def test_small_outputs_are_plain_arrays(rng):
     x = rng.standard_normal((4, 8)).astype(np.float32)
     before = list(_plan._reusable)
