@@ -211,26 +211,30 @@ def test_concurrent_calls_from_python_threads():
 
 # ---------------------------------------------------------------- float16 in and out
 
+@numba.njit
+def _convert(src, dst):
+    """dst[i] = src[i] through the kernels' load and store: float16 bits widen, float32 rounds to them."""
+    for i in range(src.size):
+        _cpu.store(dst, i, _cpu.load(src, i))
+
+
 @pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE, reason="no hardware float16 conversion: NumPy converts")
-@pytest.mark.parametrize("n", [1000, (1 << 16) + 4097], ids=["serial", "parallel"])
-def test_cast_half_converts_exactly_as_numpy(n, rng):
-    """_cpu.cast_half against NumPy's casts: float16 bit patterns widened to float32 (all 65536 in the
-    parallel build, the first 1000 in the serial one), and random float32 bit patterns plus the edges
-    (largest half, the overflow boundary, subnormals, ±0, ±inf) rounded to float16 — bitwise, NaN as
-    NaN."""
-    assert (n >= _cpu.SERIAL_BELOW) == (n > 1000)
-    bits = np.resize(np.arange(1 << 16, dtype=np.uint16), n)
-    wide = np.empty(n, np.float32)
-    _cpu.cast_half(bits, wide)
+def test_float16_loads_and_stores_convert_exactly_as_numpy(rng):
+    """_cpu.load/store against NumPy's casts: all 65536 float16 bit patterns widened to float32, and
+    random float32 bit patterns plus the edges (largest half, the overflow boundary, subnormals, ±0,
+    ±inf) rounded to float16 — bitwise, NaN as NaN."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    wide = np.empty(bits.size, np.float32)
+    _convert(bits, wide)
     expected = bits.view(np.float16).astype(np.float32)
     assert np.array_equal(np.isnan(wide), np.isnan(expected))
     assert_bitwise(wide[~np.isnan(expected)], expected[~np.isnan(expected)], "float16 → float32")
 
     edges = np.float32([65504, 65519.99, 65520, 1e30, 2.98e-8, 2.9802322e-8, 5.96e-8, 6.1e-5, 6.1035156e-5,
                         -0.0, 0.0, np.inf, -np.inf, np.nan])
-    values = np.resize(np.concatenate([edges, rng.integers(0, 1 << 32, n, dtype=np.uint32).view(np.float32)]), n)
-    narrow = np.empty(n, np.uint16)
-    _cpu.cast_half(values, narrow)
+    values = np.concatenate([edges, rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint32).view(np.float32)])
+    narrow = np.empty(values.size, np.uint16)
+    _convert(values, narrow)
     with np.errstate(over="ignore", invalid="ignore"):
         expected = values.astype(np.float16)
     got = narrow.view(np.float16)
@@ -240,13 +244,15 @@ def test_cast_half_converts_exactly_as_numpy(n, rng):
 
 @pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE, reason="no hardware float16 conversion: NumPy converts")
 @pytest.mark.parametrize("op, case", [(op, case) for op in OPS for case in
-                                      ("contiguous", "channels_last", "strided", "out_fortran")
+                                      ("contiguous", "channels_last", "strided", "out_fortran", "parallel")
                                       if case != "channels_last" or OPS[op].kind == "channel"])
 def test_float16_results_are_those_of_numpy_conversion(op, case, rng, monkeypatch):
-    """float16 input converted by cast_half (in to3, out in put) gives bitwise the results of NumPy's
-    astype/copyto path, forward and backward: a view of the output, and an out= that the plan cannot
-    view (Fortran order), which goes through a temporary."""
+    """float16 read and written by the kernels as half gives bitwise the results of NumPy's astype/copyto
+    around the float32 kernels, forward and backward: a view of the output, and an out= that the plan
+    cannot view (Fortran order), which goes through a temporary."""
     shape = (4, 6, 9, 5) if OPS[op].kind == "channel" else (6, 9, 5)
+    if case == "parallel":              # ≥ SERIAL_BELOW elements: the parallel builds
+        shape = (8, 6, 30, 30) if OPS[op].kind == "channel" else (48, 30, 30)
     x = rng.standard_normal(shape).astype(np.float16)
     dy = rng.standard_normal(shape).astype(np.float16)
     if case == "channels_last":

@@ -15,7 +15,7 @@ channels-first group norm, and whole samples of channels-last instance/group nor
 ``backward_fused`` (3, not 5; the lane groups).
 ``forward_small``/``backward_small`` run one whole forward/backward of an input below ``SERIAL_BELOW``
 in a single call: the serial builds of the kernels and the coefficient algebra of ``_math``, in order.
-``cast_half`` converts float16 input to float32 and the result back.
+float16 data arrives as its bits (uint16); every kernel reads and writes data through ``load``/``store``.
 
 Batch norm additionally merges the groups of every ``p``.  Apply kernels use one of three coefficient
 layouts (``LANE``: one value per lane ``[p, q]``; ``COLUMN``: a vector per column ``[p, l]``; ``ROW``:
@@ -43,7 +43,7 @@ from numba.core import config
 from numba.core.caching import FunctionCache
 from numba.core.codegen import get_host_cpu_features
 from numba.core.runtime import rtsys
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._math import backward_coefficients, dx_coefficients, forward_coefficients, merge_into, update_running
 
@@ -158,6 +158,75 @@ def _advance3(p, q, k, Q, K):
     return p, q, k
 
 
+# ---------------------------------------------------------------- float16: loads and stores
+#
+# Every kernel reads x and dy, and writes y and dx, through ``load`` and ``store``.  For float32 and
+# float64 arrays they are plain indexing: the float32 assembly of all 19 compiled kernels and drivers
+# is the one they had with plain indexing, symbol names aside.  float16 arrays arrive as their bits
+# (uint16: Numba has no float16 on the CPU), widened to float32 on load and rounded to float16 on store
+# by LLVM's half type, which compiles to F16C's vcvtph2ps/vcvtps2ph, vectorized.  So a float16 op moves
+# float16 bytes: layer norm of (8192, 1024) took 44 ms with NumPy converting a float32 copy in and out
+# (its float16 casts are scalar: 8M elements 14.0 ms in, 20.9 ms out), 7.4 ms with a parallel
+# converting kernel before and after, and takes 2.8 ms reading and writing half (torch: 2.3).  A result
+# is computed in float64, rounded to float32, then to float16 — as the float32 path followed by NumPy's
+# cast, bitwise (float64 → half directly compiles to a call of compiler-rt's __truncdfhf2 on Zen 4,
+# which Numba does not link).  Both conversions round as NumPy does (to nearest even, overflow to inf,
+# subnormals kept, NaN stays NaN).
+# Only where the CPU Numba compiles for converts in hardware — x86 with F16C (NUMBA_CPU_FEATURES, else
+# the host's as Numba reads them: its get_host_cpu_features, which also applies NUMBA_ENABLE_AVX), or
+# ARMv8, where it is the base instruction set; elsewhere LLVM would call compiler-rt helpers (measured:
+# a segfault), and _plan has NumPy convert float16 to float32 copies instead.
+_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+HALF_IN_HARDWARE = platform.machine() in ("aarch64", "arm64") or "+f16c" in _FEATURES.split(",")
+
+
+@intrinsic
+def _widen(typingctx, bits):
+    """float16 bits (uint16) → float32, exact."""
+    if bits == nbtypes.uint16:
+        def widen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return nbtypes.float32(bits), widen
+    return None
+
+
+@intrinsic
+def _narrow(typingctx, value):
+    """float32 → float16 bits (uint16), rounded to nearest even."""
+    if value == nbtypes.float32:
+        def narrow(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return nbtypes.uint16(value), narrow
+    return None
+
+
+def load(a, i):
+    """a[i] as a float: float16 bits widened to float32 (see above)."""
+
+
+def store(a, i, value):
+    """a[i] = value, rounded to a's dtype: to float32, then to float16 bits for a uint16 array."""
+
+
+@overload(load, inline="always")
+def _load(a, i):
+    if a.dtype == nbtypes.uint16:
+        return lambda a, i: _widen(a[i])
+    return lambda a, i: a[i]
+
+
+@overload(store, inline="always")
+def _store(a, i, value):
+    if a.dtype == nbtypes.uint16:
+        def half(a, i, value):
+            a[i] = _narrow(np.float32(value))
+        return half
+
+    def plain(a, i, value):
+        a[i] = value
+    return plain
+
+
 # Lane formulas shared by the kernels below; inline='always' so they compile inside each kernel with
 # its fastmath flags (a called function keeps its own flags, and its reduction would not vectorize).
 
@@ -166,11 +235,11 @@ def _lane_moments(v):
     """(mean, M2) of a contiguous lane in two passes while it sits in cache: mean first, then Σ(x − mean)²."""
     s = 0.0
     for i in range(v.size):
-        s += v[i]
+        s += load(v, i)
     mu = s / v.size
     ss = 0.0
     for i in range(v.size):
-        d = v[i] - mu
+        d = load(v, i) - mu
         ss += d * d
     return mu, ss
 
@@ -211,7 +280,7 @@ def _column_moments(x2, lo, hi, acc, sq):
     _zero2(acc, sq)
     for q in range(lo, hi):
         for l in range(L):
-            acc[l] += x2[q, l]
+            acc[l] += load(x2, (q, l))
     inv = 1.0 / (hi - lo)
     for l in range(L):
         acc[l] *= inv
@@ -222,12 +291,12 @@ def _column_moments(x2, lo, hi, acc, sq):
     # (6272, 64) in cache 13.7 → 15.8, (65536, 256) 11.1 → 11.4.
     for q in range(lo, hi - 1, 2):
         for l in range(L):
-            d = x2[q, l] - acc[l]
-            e = x2[q + 1, l] - acc[l]
+            d = load(x2, (q, l)) - acc[l]
+            e = load(x2, (q + 1, l)) - acc[l]
             sq[l] += d * d + e * e
     if (hi - lo) % 2:
         for l in range(L):
-            d = x2[hi - 1, l] - acc[l]
+            d = load(x2, (hi - 1, l)) - acc[l]
             sq[l] += d * d
 
 
@@ -239,8 +308,8 @@ def _column_sums(dy2, x2, lo, hi, m, r, a, b):
     _zero2(a, b)
     for q in range(lo, hi):
         for l in range(L):
-            a[l] += dy2[q, l]
-            b[l] += dy2[q, l] * (x2[q, l] - m[l])
+            a[l] += load(dy2, (q, l))
+            b[l] += load(dy2, (q, l)) * (load(x2, (q, l)) - m[l])
     for l in range(L):
         b[l] *= r[l]
 
@@ -269,14 +338,14 @@ def _merge_each(n, rows, pmean, pm2, mu, M2):
 def _scale_shift(v, o, m0, s0, t0):
     """o = (v − m0)·s0 + t0: one scale and shift per lane."""
     for l in range(v.size):
-        o[l] = (v[l] - m0) * s0 + t0
+        store(o, l, (load(v, l) - m0) * s0 + t0)
 
 
 @njit(inline="always")
 def _scale_weight(v, o, m0, s0, weight, bias):
     """o = (v − m0)·s0·weight + bias: one scale per lane, weight and bias per element (layer/RMS norm)."""
     for l in range(v.size):
-        o[l] = (v[l] - m0) * s0 * weight[l] + bias[l]
+        store(o, l, (load(v, l) - m0) * s0 * weight[l] + bias[l])
 
 
 @njit(inline="always")
@@ -285,8 +354,8 @@ def _lane_sums(d, v, m0):
     s1 = 0.0
     s2 = 0.0
     for i in range(d.size):
-        s1 += d[i]
-        s2 += d[i] * (v[i] - m0)
+        s1 += load(d, i)
+        s2 += load(d, i) * (load(v, i) - m0)
     return s1, s2
 
 
@@ -297,10 +366,10 @@ def _row_sums(d, v, m0, r0, weight, a, b):
     sg = 0.0
     sgx = 0.0
     for l in range(d.size):
-        xh = (v[l] - m0) * r0
-        a[l] += d[l]
-        b[l] += d[l] * xh
-        g = np.float64(d[l]) * weight[l]       # float32 dy·weight would round g to float32
+        xh = (load(v, l) - m0) * r0
+        a[l] += load(d, l)
+        b[l] += load(d, l) * xh
+        g = np.float64(load(d, l)) * weight[l]       # float32 dy·weight would round g to float32
         sg += g
         sgx += g * xh
     return sg, sgx
@@ -333,14 +402,14 @@ def _column_parts(pa, pb, p0, p1, s1, s2):
 def _dx_lane(d, v, o, a0, b0, c0):
     """o = dy·a0 + x·b0 + c0: one coefficient triple per lane."""
     for l in range(d.size):
-        o[l] = d[l] * a0 + v[l] * b0 + c0
+        store(o, l, load(d, l) * a0 + load(v, l) * b0 + c0)
 
 
 @njit(inline="always")
 def _dx_row(d, v, o, a0, b0, c0, weight):
     """o = dy·a0·weight + x·b0 + c0: per-row coefficients, weight per element (layer/RMS norm)."""
     for l in range(d.size):
-        o[l] = d[l] * a0 * weight[l] + v[l] * b0 + c0
+        store(o, l, load(d, l) * a0 * weight[l] + load(v, l) * b0 + c0)
 
 
 # ---------------------------------------------------------------- one sample of a fused column group
@@ -372,7 +441,7 @@ def _normalize_columns(x2, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, wo
             sc[l] = r * weight[l]
     for q in range(Q):
         for l in range(L):
-            y2[q, l] = (x2[q, l] - mc[l]) * sc[l] + bias[l]
+            store(y2, (q, l), (load(x2, (q, l)) - mc[l]) * sc[l] + bias[l])
 
 
 @_serial_if_small
@@ -626,11 +695,11 @@ def apply(x3, dy3, mode, ca, cb, cc, weight, bias, o3):
                 c = cc[pc]
                 if fwd:
                     for l in range(L):
-                        o[l] = (v[l] - a[l]) * b[l] + c[l]
+                        store(o, l, (load(v, l) - a[l]) * b[l] + c[l])
                 else:
                     d = dy3[p, q]
                     for l in range(L):
-                        o[l] = d[l] * a[l] + v[l] * b[l] + c[l]
+                        store(o, l, load(d, l) * a[l] + load(v, l) * b[l] + c[l])
             elif mode == LANE:
                 if fwd:
                     _scale_shift(v, o, ca[pc, q], cb[pc, q], cc[pc, q])
@@ -651,50 +720,6 @@ def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
 def backward_apply(dy3, x3, mode, ca, cb, cc, weight, dx3):
     """dx = dy·A + x·B + C (``apply`` with dy; the interface ``_cuda.backward_apply`` shares)."""
     apply(x3, dy3, mode, ca, cb, cc, weight, weight, dx3)
-
-
-# ---------------------------------------------------------------- float16 in and out
-#
-# float16 input is computed in float32: one converted copy in, one rounded copy out (``_plan.View.to3``
-# and ``put``).  NumPy's float16 casts are scalar here: 8M elements took 14.0 ms in and 20.9 ms out,
-# against 2.2 ms for a float32 copy, so a float16 layer norm of (8192, 1024) took 44 ms (torch: 2.2).
-# LLVM's half type compiles to F16C's vcvtph2ps/vcvtps2ph, vectorized: 1.07 and 1.00 ms.  Both round as
-# NumPy does (to nearest even, overflow to inf, subnormals kept): bitwise equal on all 65536 half
-# patterns in, and on 4M random float32 bit patterns and the edge values out (NaN stays NaN).  Numba
-# has no float16 on the CPU, so the kernel takes the half bits as uint16.  Only where the CPU Numba
-# compiles for converts in hardware — x86 with F16C (NUMBA_CPU_FEATURES, else the host's as Numba
-# reads them: its get_host_cpu_features, which also applies NUMBA_ENABLE_AVX), or ARMv8, where it is
-# the base instruction set; elsewhere LLVM would call compiler-rt helpers that Numba does not link, and
-# NumPy converts.
-_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-HALF_IN_HARDWARE = platform.machine() in ("aarch64", "arm64") or "+f16c" in _FEATURES.split(",")
-
-
-@intrinsic
-def _half(typingctx, value, like):
-    """value converted to the dtype of ``like``: float16 bits (uint16) → float32, or float32 → the
-    float16 bits, rounded to nearest even."""
-    if value == nbtypes.uint16 and like.dtype == nbtypes.float32:
-        def widen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return nbtypes.float32(value, like), widen
-    if value == nbtypes.float32 and like.dtype == nbtypes.uint16:
-        def narrow(context, builder, sig, args):
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-        return nbtypes.uint16(value, like), narrow
-    return None
-
-
-@_serial_if_small
-@njit(**_JIT)
-def cast_half(src, dst):
-    """dst = src for flat contiguous arrays: float16 bits (uint16) → float32, or float32 → float16 bits."""
-    n = src.size
-    for blk in prange(-(-n // BLOCK)):
-        s = src[blk * BLOCK:min(blk * BLOCK + BLOCK, n)]          # views: the loop vectorizes (see moments)
-        d = dst[blk * BLOCK:min(blk * BLOCK + BLOCK, n)]
-        for i in range(s.size):
-            d[i] = _half(s[i], d)
 
 
 # ---------------------------------------------------------------- whole calls for small inputs

@@ -323,8 +323,10 @@ class View:
     # transpose with a precomputed permutation costs ~0.3 µs; np.moveaxis ~5 µs (tiny shapes pay it).
 
     def to3(self, a, dtype):
-        """a (the input's shape) → the contiguous (P, Q, L) view of ``dtype``; copies only an array laid
-        out otherwise, or of another dtype.  Device arrays: ``_cuda.to3``.
+        """a (the input's shape) → the contiguous (P, Q, L) view the kernels read, for the compute
+        ``dtype``: of that dtype, or for float16 where the CPU converts half in hardware, its bits
+        (uint16: ``_cpu.load``).  Copies only an array laid out otherwise, or of another dtype.  Device
+        arrays: ``_cuda.to3``.
 
         The one copy goes into ``new_array``: a strided or transposed input of 32 MiB or more took a
         fresh np.ascontiguousarray, whose page faults cost more than the op — layer norm of x[:, :1024]
@@ -333,17 +335,13 @@ class View:
         if not isinstance(a, np.ndarray):
             return kernels("cuda").to3(self, a, dtype)
         t = a if self.identity else a.transpose(self.perm)
-        # float16 → float32 is converted below, in parallel (``_cpu.cast_half``), from contiguous bits
         half = a.dtype == _F16 and dtype == _F32 and _cpu.HALF_IN_HARDWARE
         if t.flags.c_contiguous and (half or a.dtype == dtype):
             a3 = t.reshape(self.shape3)          # a view (no view of a non-contiguous t is contiguous)
         else:
             a3 = new_array(self.shape3, a.dtype if half else dtype, self.size)
             np.copyto(a3.reshape(t.shape), t, casting="unsafe")
-        if half:
-            a3, bits = new_array(self.shape3, _F32, self.size), a3
-            _cpu.cast_half(bits.reshape(-1).view(np.uint16), a3.reshape(-1))
-        return a3
+        return a3.view(_U16) if half else a3
 
     def view3(self, a):
         """Like to3, but None where ``a`` cannot be viewed without a copy (so results cannot be written into it)."""
@@ -373,17 +371,11 @@ class View:
         return a3.reshape(self.moved_shape).transpose(self.inverse)
 
     def put(self, a3, dst):
-        """dst (the input's shape and axis order) ← the kernel result a3, cast to dst's dtype."""
+        """dst (the input's shape and axis order) ← the kernel result a3, cast to dst's dtype (float16
+        bits are float16)."""
         if not isinstance(dst, np.ndarray):
             return kernels("cuda").put3(self, a3, dst)
-        if dst.dtype == _F16 and a3.dtype == _F32 and _cpu.HALF_IN_HARDWARE:     # see _cpu.cast_half
-            d3 = self.view3(dst)
-            bits = new_array(self.shape3, np.uint16, a3.size) if d3 is None else d3.view(np.uint16)
-            _cpu.cast_half(a3.reshape(-1), bits.reshape(-1))
-            if d3 is not None:
-                return
-            a3 = bits.view(_F16)
-        np.copyto(dst, self.from3(a3), casting="unsafe")
+        np.copyto(dst, self.from3(a3.view(_F16) if a3.dtype == _U16 else a3), casting="unsafe")
 
 
 def _chunks(length):
@@ -517,11 +509,12 @@ def row_view(x, ndim_normalized):
     return _row_view(x.shape, ndim_normalized)
 
 
-_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+_F16, _F32, _F64, _U16 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint16)
 
 
 def compute_dtype(dtype):
-    """float16 is computed in float32 (one converted copy) and returned as float16."""
+    """float16 is computed in float32 and returned as float16 (the kernels read and write its bits, or
+    without hardware conversion a converted copy)."""
     if dtype is _F32 or dtype is _F64:      # NumPy's built-in dtypes are singletons: 40 ns, not 170
         return dtype
     return _F32 if dtype == _F16 else np.dtype(dtype)

@@ -37,6 +37,7 @@ _ONE3 = np.ones((1, 1, 1))
 # the coefficient algebra and the small-input drivers compile once per dtype, not twice (~1.5 s cold)
 _NO_BUFFER = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
 _KERNEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_U16 = np.dtype(np.uint16)          # float16's bits, as the CPU kernels read and write them (_cpu.load)
 
 
 class Context:
@@ -115,7 +116,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     x3 = view.to3(x, cdtype)
     ngroups = view.stats_shape[0] * view.stats_shape[1]
     n = x.size // ngroups if ngroups else 0
-    y, y3, temporary = _output(view, out, x.dtype, cdtype, backend)
+    y, y3, temporary = _output(view, out, x.dtype, x3.dtype, backend)
     w, b = _vector(weight, view.channels, 1.0, cdtype), _vector(bias, view.channels, 0.0, cdtype)
     none = _NO_BUFFER[cdtype]
     buffers = (none, none) if running is None else (_buffer(running[0]), _buffer(running[1]))
@@ -182,18 +183,21 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     return y, ctx
 
 
-def _output(view, out, dtype, cdtype, backend):
-    """(result, out3, temporary): the array an op returns and the (P, Q, L) array its kernels write.
+def _output(view, out, dtype, kdtype, backend):
+    """(result, out3, temporary): the array an op returns and the (P, Q, L) array its kernels write, of
+    the kernels' dtype ``kdtype`` (that of x3: float16's bits are a uint16 view of a float16 result).
     out3 is a view of result — a new array laid out like the plan, or the user's ``out`` where it can be
-    viewed so — or else a temporary (another layout, or float16) that ``_finish`` copies into result."""
-    if out is None and dtype is cdtype:              # the common case: a new array in the kernels' layout
+    viewed so — or else a temporary (another layout, or float16 without hardware conversion) that
+    ``_finish`` copies into result."""
+    bits = kdtype is _U16
+    if out is None and (dtype is kdtype or bits):    # the common case: a new array in the kernels' layout
         result, out3 = view.new3(dtype, backend)
-        return result, out3, False
+        return result, out3.view(_U16) if bits else out3, False
     result = view.empty(dtype, backend) if out is None else out
-    out3 = view.view3(result) if result.dtype == cdtype else None
+    out3 = view.view3(result) if result.dtype == kdtype or bits else None
     if out3 is None:
-        return result, _plan.empty(backend, view.shape3, cdtype), True
-    return result, out3, False
+        return result, _plan.empty(backend, view.shape3, kdtype), True
+    return result, out3.view(_U16) if bits else out3, False
 
 
 def _finish(view, result, out3, temporary):
@@ -240,7 +244,7 @@ def _backward(grad_output, ctx):
     if not _plan.on_host(grad_output, x3):
         _plan.backend(grad_output=grad_output, input=x3)
     K = _plan.kernels(ctx.backend)
-    dy3 = view.to3(grad_output, x3.dtype)
+    dy3 = view.to3(grad_output, compute_dtype(ctx.dtype))
     expand = view.mode != _cpu.ROW
     per_sample = ctx.batch_stats and view.per_sample and expand
     X = view.channels
