@@ -44,7 +44,8 @@ from numba import cuda
 
 import fastnorm
 
-DTYPES = ["float32", "float64"]
+# float16: read and written as half by the CPU kernels (bench --dtype float16 has the torch comparison)
+DTYPES = ["float32", "float64", "float16"]
 CHANNEL_LAYOUTS = ["channels_first", "channels_last"]
 # layer/RMS norm normalize rows, so their layouts are about rows: "strided" is the first half of each
 # row of a (…, 2·D) array — what ``np.split(h, 2, axis=-1)`` hands over — and times the path for
@@ -57,8 +58,11 @@ GROUPS = 32         # group_norm runs gcd(GROUPS, C) groups: 32 on the standard 
 @functools.lru_cache(maxsize=None)
 def random_array(shape, dtype, seed=0):
     """Seeded standard normal numbers, drawn directly in ``dtype`` (a float64 temporary would show in
-    ``peakmem_forward``)."""
-    return np.random.default_rng(seed).standard_normal(shape, dtype=dtype)
+    ``peakmem_forward``); float16, which NumPy cannot draw, through a float32 temporary."""
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype) == np.float16:
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+    return rng.standard_normal(shape, dtype=dtype)
 
 
 def _no_sync():
