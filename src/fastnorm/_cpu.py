@@ -29,8 +29,9 @@ serially in a fixed order.  ``NUMBA_NUM_THREADS=1`` and ``=2`` therefore give bi
 Kernels never allocate and never validate: ``_plan.py`` does both, once.
 
 Precision: every value is computed in float64.  x, dy and weight/bias arrive in the input's dtype
-(float32 for float32 input: ``functional._vector``), so a product of two of them must take a float64
-factor first — Numba computes float32·float32 in float32.
+(float32 for float32 input: ``functional._vector``; float16 x and dy load as float32, its weight/bias
+are float32), so a product of two of them must take a float64 factor first — Numba computes
+float32·float32 in float32.
 """
 import platform
 import types
