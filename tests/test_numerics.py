@@ -279,6 +279,25 @@ def test_float16_results_are_those_of_numpy_conversion(op, case, rng, monkeypatc
         assert_bitwise(a, b, name)
 
 
+@pytest.mark.parametrize("op", ["batch_norm", "layer_norm"])
+@pytest.mark.parametrize("x_dtype, dy_dtype", [(np.float16, np.float32), (np.float16, np.float64),
+                                               (np.float32, np.float16)])
+def test_grad_output_of_another_dtype(op, x_dtype, dy_dtype, rng):
+    """grad_output is taken in the input's compute dtype (float32 for float16 input), whatever its own:
+    dx has the input's dtype and matches the reference on dy rounded so.  With half in hardware, float16
+    and float32 meet in one kernel call (bits on one side)."""
+    shape = (4, 6, 9, 5) if OPS[op].kind == "channel" else (6, 9, 5)
+    x = rng.standard_normal(shape).astype(x_dtype)
+    dy = rng.standard_normal(shape).astype(dy_dtype)
+    call = make_call(op, x, rng=rng)
+    _, ctx, _ = call.forward(fastnorm)
+    _, ctx_ref, _ = call.forward(reference, input=x.astype(np.float64))
+    dx = call.backward(fastnorm, dy, ctx)[0]
+    assert dx.dtype == x_dtype
+    dx_ref = call.backward(reference, dy.astype(np.float32).astype(np.float64), ctx_ref)[0]
+    assert_close(dx, dx_ref)
+
+
 @pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE or platform.machine() not in ("x86_64", "AMD64"),
                     reason="needs an x86 CPU with F16C, to compile without it")
 def test_float16_without_f16c_in_numbas_target_converts_with_numpy(tmp_path):
