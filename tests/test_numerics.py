@@ -244,18 +244,19 @@ def test_float16_loads_and_stores_convert_exactly_as_numpy(rng):
 
 @pytest.mark.skipif(not _cpu.HALF_IN_HARDWARE, reason="no hardware float16 conversion: NumPy converts")
 @pytest.mark.parametrize("op, case", [(op, case) for op in OPS for case in
-                                      ("contiguous", "channels_last", "strided", "out_fortran", "parallel")
-                                      if case != "channels_last" or OPS[op].kind == "channel"])
+                                      ("contiguous", "channels_last", "strided", "out_fortran", "parallel",
+                                       "parallel_channels_last")
+                                      if "channels_last" not in case or OPS[op].kind == "channel"])
 def test_float16_results_are_those_of_numpy_conversion(op, case, rng, monkeypatch):
     """float16 read and written by the kernels as half gives bitwise the results of NumPy's astype/copyto
     around the float32 kernels, forward and backward: a view of the output, and an out= that the plan
     cannot view (Fortran order), which goes through a temporary."""
     shape = (4, 6, 9, 5) if OPS[op].kind == "channel" else (6, 9, 5)
-    if case == "parallel":              # ≥ SERIAL_BELOW elements: the parallel builds
+    if case.startswith("parallel"):     # ≥ SERIAL_BELOW elements: the parallel builds
         shape = (8, 6, 30, 30) if OPS[op].kind == "channel" else (48, 30, 30)
     x = rng.standard_normal(shape).astype(np.float16)
     dy = rng.standard_normal(shape).astype(np.float16)
-    if case == "channels_last":
+    if case.endswith("channels_last"):
         x, dy = np.moveaxis(np.moveaxis(x, 1, -1).copy(), -1, 1), np.moveaxis(np.moveaxis(dy, 1, -1).copy(), -1, 1)
     elif case == "strided":
         x, dy = np.repeat(x, 2, axis=-1)[..., ::2], np.repeat(dy, 2, axis=-1)[..., ::2]
