@@ -18,8 +18,10 @@ from fastnorm import _plan, functional, reference
 
 @pytest.fixture
 def small_threshold(monkeypatch):
-    """Outputs of ≥ 4 KiB count as large; the kept buffers start empty and are dropped afterwards."""
+    """Outputs and input copies of ≥ 4 KiB count as large; the kept buffers start empty and are dropped
+    afterwards."""
     monkeypatch.setattr(_plan, "REUSE_MIN_BYTES", 4096)
+    monkeypatch.setattr(_plan, "COPY_MIN_BYTES", 4096)
     monkeypatch.setattr(_plan, "_reusable", [])
     yield
     gc.collect()
@@ -164,6 +166,18 @@ def test_real_threshold_reuse(rng):
     del y
     y = _ln(x)
     assert y.__array_interface__["data"][0] == address
+    assert_close(y[:64], reference.layer_norm(x[:64], (1024,)))
+
+
+def test_real_thresholds_for_input_copies(rng):
+    """At the real thresholds: a 4 MiB copy of a sliced input is kept (COPY_MIN_BYTES), its 4 MiB
+    output is a plain array (below REUSE_MIN_BYTES)."""
+    gc.collect()
+    x = rng.standard_normal((1024, 2048), dtype=np.float32)[:, :1024]       # the copy: 4 MiB
+    assert _plan.COPY_MIN_BYTES <= x.size * 4 < _plan.REUSE_MIN_BYTES
+    y, ctx = fastnorm.layer_norm_forward(x, (1024,))
+    assert any(np.shares_memory(ctx.x3, b) for b in _plan._reusable)
+    assert not any(np.shares_memory(y, b) for b in _plan._reusable)
     assert_close(y[:64], reference.layer_norm(x[:64], (1024,)))
 
 

@@ -102,6 +102,13 @@ def empty(backend, shape, dtype=np.float64):
 # overwritten whole.  Outputs below REUSE_MIN_BYTES are plain np.empty (malloc reuses those itself).
 REUSE_MIN_BYTES = 32 << 20
 REUSE_SLOTS = 4
+# Input copies (``View.to3``: a strided or transposed input, or dy) are kept from 4 MiB on.  glibc trims
+# its heap when the free block at its top passes twice its mmap threshold, so a copy and an output of
+# 25 MiB each, freed together, came back as fresh pages on the next call: batch norm of a
+# (32, 64, 56, 112)[..., :56] slice, forward+backward, 16.6 ms with copies kept from 32 MiB, 11.3 ms
+# from 4 MiB (forward 5.2 → 4.6; transposed or smaller copies even), interleaved in one process.  For
+# outputs the same change measured mixed (0.90–1.23), so they stay at REUSE_MIN_BYTES.
+COPY_MIN_BYTES = 4 << 20
 _reusable = []                      # uint8 buffers, each referenced only from here when free
 _reuse_lock = threading.Lock()
 
@@ -123,13 +130,13 @@ def _after_fork():
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def new_array(shape, dtype, size=None):
-    """``np.empty(shape, dtype)``; at REUSE_MIN_BYTES or more, in a buffer of an earlier output that
-    nothing refers to any more when one of that size is kept (see above).  ``size``: the element count
-    when the caller knows it (saves math.prod, ~0.1 µs of a tiny call)."""
+def new_array(shape, dtype, size=None, min_bytes=None):
+    """``np.empty(shape, dtype)``; at ``min_bytes`` (default REUSE_MIN_BYTES) or more, in a kept buffer
+    of an earlier one that nothing refers to any more when one of that size is kept (see above).
+    ``size``: the element count when the caller knows it (saves math.prod, ~0.1 µs of a tiny call)."""
     dtype = np.dtype(dtype)
     nbytes = (math.prod(shape) if size is None else size) * dtype.itemsize
-    if nbytes < REUSE_MIN_BYTES:
+    if nbytes < (REUSE_MIN_BYTES if min_bytes is None else min_bytes):
         return np.empty(shape, dtype)
     with _reuse_lock:
         free = None
@@ -339,7 +346,7 @@ class View:
         if t.flags.c_contiguous and (half or a.dtype == dtype):
             a3 = t.reshape(self.shape3)          # a view (no view of a non-contiguous t is contiguous)
         else:
-            a3 = new_array(self.shape3, a.dtype if half else dtype, self.size)
+            a3 = new_array(self.shape3, a.dtype if half else dtype, self.size, COPY_MIN_BYTES)
             np.copyto(a3.reshape(t.shape), t, casting="unsafe")
         return a3.view(_U16) if half else a3
 
