@@ -335,10 +335,11 @@ class View:
         (uint16: ``_cpu.load``).  Copies only an array laid out otherwise, or of another dtype.  Device
         arrays: ``_cuda.to3``.
 
-        The one copy goes into ``new_array``: a strided or transposed input of 32 MiB or more took a
-        fresh np.ascontiguousarray, whose page faults cost more than the op — layer norm of x[:, :1024]
-        of an (8192, 2048) float32 array took 9.4 ms against 2.7 for a contiguous x, the copy alone 7.2
-        ms of it (3.8 into a reused buffer)."""
+        The one copy goes into ``new_array``, kept from COPY_MIN_BYTES on: a large strided or transposed
+        input took a fresh np.ascontiguousarray, whose page faults cost more than the op — layer norm of
+        x[:, :1024] of an (8192, 2048) float32 array took 9.4 ms against 2.7 for a contiguous x, the
+        copy alone 7.2 ms of it (3.8 into a reused buffer; a parallel copy kernel measured no faster,
+        3.1 vs 3.3 ms: the copy is bound by memory)."""
         if not isinstance(a, np.ndarray):
             return kernels("cuda").to3(self, a, dtype)
         t = a if self.identity else a.transpose(self.perm)
