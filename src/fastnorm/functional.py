@@ -18,7 +18,7 @@ import numpy as np
 from . import _cpu, _plan
 
 from ._math import backward_coefficients, forward_coefficients, merge_into, update_running
-from ._plan import (check_eps, check_input, check_momentum, check_out, check_param, check_running,
+from ._plan import (_U16, check_eps, check_input, check_momentum, check_out, check_param, check_running,
                     compute_dtype, normalize_axis, per_channel_error)
 
 __all__ = [
@@ -37,7 +37,6 @@ _ONE3 = np.ones((1, 1, 1))
 # the coefficient algebra and the small-input drivers compile once per dtype, not twice (~1.5 s cold)
 _NO_BUFFER = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
 _KERNEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_U16 = np.dtype(np.uint16)          # float16's bits, as the CPU kernels read and write them (_cpu.load)
 
 
 class Context:
@@ -189,14 +188,14 @@ def _output(view, out, dtype, kdtype, backend):
     out3 is a view of result — a new array laid out like the plan, or the user's ``out`` where it can be
     viewed so — or else a temporary (another layout, or float16 without hardware conversion) that
     ``_finish`` copies into result."""
-    bits = kdtype is _U16
+    bits = kdtype is _U16                            # float16 bits (_plan.View.to3)
     if out is None and (dtype is kdtype or bits):    # the common case: a new array in the kernels' layout
         result, out3 = view.new3(dtype, backend)
-        return result, out3.view(_U16) if bits else out3, False
-    result = view.empty(dtype, backend) if out is None else out
-    out3 = view.view3(result) if result.dtype == kdtype or bits else None
-    if out3 is None:
-        return result, _plan.empty(backend, view.shape3, kdtype), True
+    else:
+        result = view.empty(dtype, backend) if out is None else out
+        out3 = view.view3(result) if result.dtype == kdtype or bits else None
+        if out3 is None:
+            return result, _plan.empty(backend, view.shape3, kdtype), True
     return result, out3.view(_U16) if bits else out3, False
 
 
