@@ -663,6 +663,21 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
         _column_parts(pa, pb, 0, P, sum_dy[0], sum_dyx[0])
 
 
+@njit(inline="always")
+def _column_rows(d2, x2, o2, a, b, c, q0, q1, fwd):
+    """Rows q0 … q1 − 1 of one sample's (Q, C) view: o = (x − a)·b + c (fwd; d2 unused) or dy·a + x·b + c,
+    a, b, c per column.  Indexes the 2-D views: a row view x2[q] is a new array struct whose reference to
+    the buffer Numba counts, ~11 ns (~40 cycles) per row."""
+    L = a.size
+    for q in range(q0, q1):
+        if fwd:
+            for l in range(L):
+                store(o2, (q, l), (load(x2, (q, l)) - a[l]) * b[l] + c[l])
+        else:
+            for l in range(L):
+                store(o2, (q, l), load(d2, (q, l)) * a[l] + load(x2, (q, l)) * b[l] + c[l])
+
+
 @_serial_if_small
 @njit(**_JIT)
 def apply(x3, dy3, mode, ca, cb, cc, weight, bias, o3):
@@ -685,32 +700,37 @@ def apply(x3, dy3, mode, ca, cb, cc, weight, bias, o3):
     fwd = dy3.size == 0
     per = _groups_per_block(L)
     for blk in prange(-(-(P * Q) // per)):
-        p, q = divmod(blk * per, Q)
-        for _ in range(blk * per, min(blk * per + per, P * Q)):
-            pc = 0 if bc else p
-            v = x3[p, q]
-            o = o3[p, q]
-            if mode == COLUMN:
-                a = ca[pc]
-                b = cb[pc]
-                c = cc[pc]
+        i, end = blk * per, min(blk * per + per, P * Q)
+        if mode == COLUMN:
+            # Rows of C channels, tens of elements each: the block's rows are indexed in the 2-D views of
+            # their sample, taken once per sample, not through a view per row.  A row view cost as much as
+            # normalizing its 64 elements: batch norm (32, 56, 56, 64) channels-last, y in cache, 0.40
+            # → 0.22 ns per element on one thread (see _column_rows).
+            while i < end:
+                p, q = divmod(i, Q)
+                n = min(Q - q, end - i)
+                pc = 0 if bc else p
                 if fwd:
-                    for l in range(L):
-                        store(o, l, (load(v, l) - a[l]) * b[l] + c[l])
+                    _column_rows(x3[p], x3[p], o3[p], ca[pc], cb[pc], cc[pc], q, q + n, fwd)
                 else:
-                    d = dy3[p, q]
-                    for l in range(L):
-                        store(o, l, load(d, l) * a[l] + load(v, l) * b[l] + c[l])
-            elif mode == LANE:
-                if fwd:
-                    _scale_shift(v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+                    _column_rows(dy3[p], x3[p], o3[p], ca[pc], cb[pc], cc[pc], q, q + n, fwd)
+                i += n
+        else:
+            p, q = divmod(i, Q)
+            for _ in range(i, end):
+                pc = 0 if bc else p
+                v = x3[p, q]
+                o = o3[p, q]
+                if mode == LANE:
+                    if fwd:
+                        _scale_shift(v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+                    else:
+                        _dx_lane(dy3[p, q], v, o, ca[pc, q], cb[pc, q], cc[pc, q])
+                elif fwd:
+                    _scale_weight(v, o, ca[pc, q], cb[pc, q], weight, bias)
                 else:
-                    _dx_lane(dy3[p, q], v, o, ca[pc, q], cb[pc, q], cc[pc, q])
-            elif fwd:
-                _scale_weight(v, o, ca[pc, q], cb[pc, q], weight, bias)
-            else:
-                _dx_row(dy3[p, q], v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)
-            p, q = _advance(p, q, Q)
+                    _dx_row(dy3[p, q], v, o, ca[pc, q], cb[pc, q], cc[pc, q], weight)
+                p, q = _advance(p, q, Q)
 
 
 def normalize(x3, mode, mean, scale, shift, weight, bias, y3):
