@@ -18,7 +18,7 @@ import numpy as np
 from . import _cpu, _plan
 
 from ._math import backward_coefficients, forward_coefficients, merge_into, update_running
-from ._plan import (_U16, check_eps, check_input, check_momentum, check_out, check_param, check_running,
+from ._plan import (_F64, _U16, check_eps, check_input, check_momentum, check_out, check_param, check_running,
                     compute_dtype, normalize_axis, per_channel_error)
 
 __all__ = [
@@ -43,7 +43,7 @@ class Context:
     """What a forward saves for its backward.  Treat as opaque; ``x`` is referenced, not copied."""
 
     __slots__ = ("view", "x3", "shape", "dtype", "n", "mean", "rstd", "k", "d", "batch_stats", "rms",
-                 "weight", "bias", "w", "backend", "sync")
+                 "weight", "bias", "w", "kw", "backend", "sync")
 
 
 # ---------------------------------------------------------------- shared engine
@@ -69,6 +69,24 @@ def _vector(param, length, fill, dtype):
     if param.dtype is dtype and param.flags.c_contiguous and param.flags.writeable:
         return param
     return param.astype(dtype)                      # a new contiguous, writeable vector
+
+
+def _wide(param, vector, fill, backend, size):
+    """The weight/bias vector the CPU's parallel ``normalize_groups`` and ``apply`` read: ``vector``
+    (``_vector``'s) widened to float64, exactly, so the results are the same bits.
+    Layer and RMS norm multiply x by weight[l] and add bias[l] per element, and a float32 vector cost a
+    conversion per element at each use: layer norm (32, 197, 768) forward, one process against float32
+    vectors, 0.86-0.92× the time (one or two threads).  The backward sums (``backward_fused``,
+    ``backward_reduce``) keep ``vector``: with float64 weight the fused layer-norm backward ran 13%
+    slower (one thread, 4.05 → 4.60 ms).  Below SERIAL_BELOW
+    (the serial builds; a tiny call would pay ~0.25 µs per copy) and on the GPU: ``vector`` as it is.
+    The coefficient algebra keeps ``vector`` too, so each kernel and driver still compiles once per
+    input dtype."""
+    if backend != "cpu" or size < _cpu.SERIAL_BELOW or vector.dtype is _F64:
+        return vector
+    if param is None:
+        return _filled(fill, vector.size, _F64)
+    return vector.astype(_F64)
 
 
 @functools.lru_cache(maxsize=32)
@@ -117,6 +135,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     n = x.size // ngroups if ngroups else 0
     y, y3, temporary = _output(view, out, x.dtype, x3.dtype, backend)
     w, b = _vector(weight, view.channels, 1.0, cdtype), _vector(bias, view.channels, 0.0, cdtype)
+    kw, kb = _wide(weight, w, 1.0, backend, x.size), _wide(bias, b, 0.0, backend, x.size)     # for the kernels
     none = _NO_BUFFER[cdtype]
     buffers = (none, none) if running is None else (_buffer(running[0]), _buffer(running[1]))
     m = -1.0 if momentum is None or not batch_stats or running is None else momentum     # < 0: no update
@@ -132,7 +151,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
             P, K, C = view.parts
             work = np.empty((P, 2 * K + 2, C))
         _cpu.normalize_groups(x3 if same else x3.reshape(view.stats3), view.mode, view.group_size, view.chunk, eps,
-                              rms, w, b, mean, m2, rstd, work, y3 if same else y3.reshape(view.stats3))
+                              rms, kw, kb, mean, m2, rstd, work, y3 if same else y3.reshape(view.stats3))
         if m >= 0:        # instance norm with running buffers
             update_running(*buffers, mean, m2, n, m)
     elif backend == "cpu" and sync is None and 0 < x.size < _cpu.SERIAL_BELOW:
@@ -159,9 +178,9 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
                              view.group_size, expand, rstd, k, d, mean_c, scale, shift)
         if x.size:
             if expand:
-                K.normalize(x3, view.mode, mean_c, scale, shift, w, b, y3)
+                K.normalize(x3, view.mode, mean_c, scale, shift, kw, kb, y3)
             else:
-                K.normalize(x3, view.mode, mean, rstd, rstd, w, b, y3)
+                K.normalize(x3, view.mode, mean, rstd, rstd, kw, kb, y3)
     _finish(view, y, y3, temporary)
     if renorm is None:
         k = d = None        # the context's "no batch renorm"
@@ -177,7 +196,7 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     ctx = Context()
     ctx.view, ctx.x3, ctx.shape, ctx.dtype, ctx.n = view, x3, x.shape, x.dtype, n
     ctx.mean, ctx.rstd, ctx.k, ctx.d = mean, rstd, k, d
-    ctx.batch_stats, ctx.rms, ctx.weight, ctx.bias, ctx.w = batch_stats, rms, weight, bias, w
+    ctx.batch_stats, ctx.rms, ctx.weight, ctx.bias, ctx.w, ctx.kw = batch_stats, rms, weight, bias, w, kw
     ctx.backend, ctx.sync = backend, sync
     return y, ctx
 
@@ -288,7 +307,7 @@ def _backward(grad_output, ctx):
         backward_coefficients(sum_dy, sum_dyx, ctx.w, ctx.mean, ctx.rstd, k, d, renorm, ctx.n, ctx.rms,
                               ctx.batch_stats, view.group_size, expand, row_g, row_gx, dweight, dbias, ca, cb, cc)
         if x3.size:
-            K.backward_apply(dy3, x3, view.mode, ca, cb, cc, ctx.w, dx3)
+            K.backward_apply(dy3, x3, view.mode, ca, cb, cc, ctx.kw, dx3)
     _finish(view, dx, dx3, temporary)
     dweight, dbias = _param_grad(dweight, ctx.weight), _param_grad(dbias, ctx.bias)
     if ctx.backend == "cuda":
