@@ -71,18 +71,17 @@ def _vector(param, length, fill, dtype):
     return param.astype(dtype)                      # a new contiguous, writeable vector
 
 
-def _wide(param, vector, fill, backend, size):
+def _wide(param, vector, fill):
     """The weight/bias vector the CPU's parallel ``normalize_groups`` and ``apply`` read: ``vector``
     (``_vector``'s) widened to float64, exactly, so the results are the same bits.
     Layer and RMS norm multiply x by weight[l] and add bias[l] per element, and a float32 vector cost a
     conversion per element at each use: layer norm (32, 197, 768) forward, one process against float32
     vectors, 0.86-0.92× the time (one or two threads).  The backward sums (``backward_fused``,
     ``backward_reduce``) keep ``vector``: with float64 weight the fused layer-norm backward ran 13%
-    slower (one thread, 4.05 → 4.60 ms).  Below SERIAL_BELOW
-    (the serial builds; a tiny call would pay ~0.25 µs per copy) and on the GPU: ``vector`` as it is.
-    The coefficient algebra keeps ``vector`` too, so each kernel and driver still compiles once per
-    input dtype."""
-    if backend != "cpu" or size < _cpu.SERIAL_BELOW or vector.dtype is _F64:
+    slower (one thread, 4.05 → 4.60 ms).  Only the parallel builds take it (``_forward``): the serial
+    builds of tiny calls, and the GPU, take ``vector``.  The coefficient algebra keeps ``vector`` too,
+    so each kernel and driver still compiles once per input dtype."""
+    if vector.dtype is _F64:
         return vector
     if param is None:
         return _filled(fill, vector.size, _F64)
@@ -135,7 +134,9 @@ def _forward(view, x, weight, bias, eps, *, out, batch_stats, running=None, mome
     n = x.size // ngroups if ngroups else 0
     y, y3, temporary = _output(view, out, x.dtype, x3.dtype, backend)
     w, b = _vector(weight, view.channels, 1.0, cdtype), _vector(bias, view.channels, 0.0, cdtype)
-    kw, kb = _wide(weight, w, 1.0, backend, x.size), _wide(bias, b, 0.0, backend, x.size)     # for the kernels
+    kw, kb = w, b                   # the kernels' weight and bias: float64 for the CPU's parallel builds
+    if x.size >= _cpu.SERIAL_BELOW and backend == "cpu":
+        kw, kb = _wide(weight, w, 1.0), _wide(bias, b, 0.0)
     none = _NO_BUFFER[cdtype]
     buffers = (none, none) if running is None else (_buffer(running[0]), _buffer(running[1]))
     m = -1.0 if momentum is None or not batch_stats or running is None else momentum     # < 0: no update
