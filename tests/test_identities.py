@@ -288,3 +288,26 @@ def test_channels_last_samples_too_large_for_cache_are_not_fused():
     S = _plan.FUSED_SAMPLE_BYTES // (4 * 8)               # rows of a float32 sample of 8 channels at the limit
     assert _plan.channel_view(np.empty((_plan.FUSED_MIN_SAMPLES, S, 8), np.float32), 2, "group", 4).fused
     assert not _plan.channel_view(np.empty((_plan.FUSED_MIN_SAMPLES, S + 1, 8), np.float32), 2, "group", 4).fused
+
+
+# ---------------------------------------------------------------- layer/RMS norm rows ≡ the rows alone
+
+# Rows are independent, so a batch's first rows are those rows normalized alone.  The batch is large
+# enough for the parallel builds, which read weight and bias as exact float64 copies
+# (``functional._wide``); the rows alone run the serial builds, which read them in the input's dtype
+# (float64 parameters of a float32 input rounded to float32 on both routes).  y and dx bit for bit.
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype, pdtype", [(np.float32, np.float32), (np.float32, np.float64),
+                                           (np.float64, np.float64), (np.float16, np.float32)])
+def test_row_ops_batch_is_its_rows(op, dtype, pdtype, rng):
+    from fastnorm import _cpu
+    D, k = 96, 5
+    rows = _cpu.SERIAL_BELOW // D + 3
+    x = (rng.standard_normal((rows, D)) * 2 + 10).astype(dtype)
+    dy = rng.standard_normal((rows, D)).astype(dtype)
+    w, b = rng.standard_normal(D).astype(pdtype), rng.standard_normal(D).astype(pdtype)
+    args = (w,) if op == "rms_norm" else (w, b)
+    whole, part = _fwd_bwd(op, x, dy, (D,), *args), _fwd_bwd(op, x[:k], dy[:k], (D,), *args)
+    assert x.size >= _cpu.SERIAL_BELOW > x[:k].size
+    assert_bitwise(whole[0][:k], part[0], "y")
+    assert_bitwise(whole[1][:k], part[1], "dx")

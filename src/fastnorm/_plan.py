@@ -341,7 +341,7 @@ class View:
         copy alone 7.2 ms of it (3.8 into a reused buffer; a parallel copy kernel measured no faster,
         3.1 vs 3.3 ms: the copy is bound by memory)."""
         if a.dtype is dtype and self.identity and type(a) is np.ndarray and a.flags.c_contiguous:
-            return a.reshape(self.shape3)        # the common call, first: 0.41 → 0.26 µs of a ~7 µs tiny call
+            return a.reshape(self.shape3)        # the common call, first: 0.41 → 0.31 µs of a ~7 µs tiny call
         if not isinstance(a, np.ndarray):
             return kernels("cuda").to3(self, a, dtype)
         t = a if self.identity else a.transpose(self.perm)
@@ -372,7 +372,7 @@ class View:
             a = kernels(backend).view_empty(self, dtype)
             return a, kernels(backend).view3(self, a)
         if self.size * dtype.itemsize < REUSE_MIN_BYTES:     # new_array's own test, without its call: 0.73 →
-            a3 = np.empty(self.shape3, dtype)                 # 0.45 µs of a ~7 µs tiny call
+            a3 = np.empty(self.shape3, dtype)                 # 0.55 µs of a ~7 µs tiny call
         else:
             a3 = new_array(self.shape3, dtype, self.size)
         return self.from3(a3), a3

@@ -73,14 +73,14 @@ def _vector(param, length, fill, dtype):
 
 def _wide(param, vector, fill):
     """The weight/bias vector the CPU's parallel ``normalize_groups`` and ``apply`` read: ``vector``
-    (``_vector``'s) widened to float64, exactly, so the results are the same bits.
-    Layer and RMS norm multiply x by weight[l] and add bias[l] per element, and a float32 vector cost a
-    conversion per element at each use: layer norm (32, 197, 768) forward, one process against float32
-    vectors, 0.86-0.92× the time (one or two threads).  The backward sums (``backward_fused``,
-    ``backward_reduce``) keep ``vector``: with float64 weight the fused layer-norm backward ran 13%
-    slower (one thread, 4.05 → 4.60 ms).  Only the parallel builds take it (``_forward``): the serial
-    builds of tiny calls, and the GPU, take ``vector``.  The coefficient algebra keeps ``vector`` too,
-    so each kernel and driver still compiles once per input dtype."""
+    (``_vector``'s) widened to float64, exactly, so the results are the same bits.  Layer and RMS norm
+    multiply x by weight[l] and add bias[l] per element, and a float32 vector cost a conversion per
+    element at each use: layer norm (32, 197, 768) forward took 0.86-0.94× the time of the float32
+    vectors in five of six interleaved runs (one or two threads), 1.01× in the sixth.  The backward
+    sums (``backward_fused``, ``backward_reduce``) keep ``vector``: with float64 weight the fused
+    layer-norm backward ran 13% slower (one thread, 4.05 → 4.60 ms).  Only the parallel builds take it
+    (``_forward``): the serial builds of tiny calls, and the GPU, take ``vector``.  The coefficient
+    algebra keeps ``vector`` too, so each kernel and driver still compiles once per input dtype."""
     if vector.dtype is _F64:
         return vector
     if param is None:
