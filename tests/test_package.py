@@ -6,6 +6,7 @@ parallel loop.
 not timed here; what is tested is that a warm process loads its kernels without compiling and without
 Numba's registry refresh, which was half of that latency.)
 """
+import inspect
 import json
 import os
 import subprocess
@@ -154,3 +155,11 @@ def test_every_parallel_kernel_has_one_parallel_loop():
         sig = kernel.signatures[0]
         fresh.compile(sig)
         assert fresh.overloads[sig].metadata["parfor_diagnostics"].count_parfors() == 1, name
+
+
+def test_y_only_ops_show_their_forwards_signature():
+    """fastnorm.batch_norm etc. take what batch_norm_forward takes; help() must say so, not (*args, **kwargs)."""
+    for op in ("batch_norm", "batch_renorm", "instance_norm", "group_norm", "layer_norm", "rms_norm"):
+        forward = getattr(fastnorm, op + "_forward")
+        assert inspect.signature(getattr(fastnorm, op)) == inspect.signature(forward), op
+        assert "*args" not in str(inspect.signature(getattr(fastnorm, op))), op

@@ -2,6 +2,7 @@
 running stats of every op but batch renorm (which PyTorch lacks: it is checked against the reference
 only).  The float64 oracle ``fastnorm.reference`` is held to the same comparison, so the tests that
 trust it elsewhere rest on PyTorch too.  Also: our hard-coded PyTorch error texts are PyTorch's."""
+import inspect
 import re
 
 import numpy as np
@@ -148,3 +149,15 @@ def test_error_texts_are_torchs():
     with pytest.raises(ValueError) as info:
         fastnorm.batch_norm(np.ones((1, 3)), None, None, training=True)
     assert str(info.value) == _torch_message(lambda: TF.batch_norm(torch.ones(1, 3), None, None, training=True))
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"])
+@pytest.mark.parametrize("form", ["", "_forward"])
+def test_signatures_begin_with_torchs(op, form):
+    """Code ports line by line: torch.nn.functional's parameters are fastnorm's first ones, in its order,
+    with its defaults; fastnorm's own (axis, out, num_batches_tracked) follow, keyword-only."""
+    ours = list(inspect.signature(getattr(fastnorm, op + form)).parameters.values())
+    theirs = list(inspect.signature(getattr(TF, op)).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in ours[:len(theirs)]] == \
+        [(p.name, p.default, p.kind) for p in theirs]
+    assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(theirs):])

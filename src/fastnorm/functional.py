@@ -11,6 +11,7 @@ which elements form a group) and in how they fold running statistics, so this mo
 coefficient algebra once, on per-group arrays of a few thousand numbers — never a loop over data.
 """
 import functools
+import inspect
 from typing import NamedTuple
 
 import numpy as np
@@ -76,7 +77,7 @@ def _wide(param, vector, fill):
     (``_vector``'s) widened to float64, exactly, so the results are the same bits.  Layer and RMS norm
     multiply x by weight[l] and add bias[l] per element, and a float32 vector cost a conversion per
     element at each use: layer norm (32, 197, 768) forward took 0.86-0.94× the time of the float32
-    vectors in five of six interleaved runs (one or two threads), 1.01× in the sixth.  The backward
+    vectors in six of seven interleaved runs (one or two threads), 1.01× in the seventh.  The backward
     sums (``backward_fused``, ``backward_reduce``) keep ``vector``: with float64 weight the fused
     layer-norm backward ran 13% slower (one thread, 4.05 → 4.60 ms).  Only the parallel builds take it
     (``_forward``): the serial builds of tiny calls, and the GPU, take ``vector``.  The coefficient
@@ -496,6 +497,7 @@ def _first(forward):
         return forward(*args, **kwargs)[0]
     op.__name__ = op.__qualname__ = forward.__name__.replace("_forward", "")
     op.__doc__ = (forward.__doc__ or "") + f"\n\nReturns y only; ``{forward.__name__}`` also returns the context."
+    op.__signature__ = inspect.signature(forward)       # help() and IDEs show torch's parameters, not *args
     return op
 
 
