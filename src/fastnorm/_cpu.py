@@ -413,6 +413,21 @@ def _dx_row(d, v, o, a0, b0, c0, weight):
         store(o, l, load(d, l) * a0 * weight[l] + load(v, l) * b0 + c0)
 
 
+@njit(inline="always")
+def _column_rows(d2, x2, o2, a, b, c, q0, q1, fwd):
+    """Rows q0 … q1 − 1 of one sample's (Q, C) view: o = (x − a)·b + c (fwd; d2 unused) or dy·a + x·b + c,
+    a, b, c per column.  Indexes the 2-D views: a row view x2[q] is a new array struct whose reference to
+    the buffer Numba counts, ~11 ns (~40 cycles) per row."""
+    L = a.size
+    for q in range(q0, q1):
+        if fwd:
+            for l in range(L):
+                store(o2, (q, l), (load(x2, (q, l)) - a[l]) * b[l] + c[l])
+        else:
+            for l in range(L):
+                store(o2, (q, l), load(d2, (q, l)) * a[l] + load(x2, (q, l)) * b[l] + c[l])
+
+
 # ---------------------------------------------------------------- one sample of a fused column group
 #
 # The per-sample body of normalize_groups for channels-last instance/group norm: a serial function of
@@ -440,9 +455,7 @@ def _normalize_columns(x2, cg, chunk, eps, rms, weight, bias, mean, m2, rstd, wo
         for l in range(g * cg, (g + 1) * cg):
             mc[l] = mu
             sc[l] = r * weight[l]
-    for q in range(Q):
-        for l in range(L):
-            store(y2, (q, l), (load(x2, (q, l)) - mc[l]) * sc[l] + bias[l])
+    _column_rows(x2, x2, y2, mc, sc, bias, 0, Q, True)
 
 
 @_serial_if_small
@@ -661,21 +674,6 @@ def backward_fused(dy3, x3, mode, cg, chunk, rms, n, mean, rstd, weight, pa, pb,
                 _dx_row(d, v, dx3[p, q], r0, B, C, weight)
     if not lane:
         _column_parts(pa, pb, 0, P, sum_dy[0], sum_dyx[0])
-
-
-@njit(inline="always")
-def _column_rows(d2, x2, o2, a, b, c, q0, q1, fwd):
-    """Rows q0 … q1 − 1 of one sample's (Q, C) view: o = (x − a)·b + c (fwd; d2 unused) or dy·a + x·b + c,
-    a, b, c per column.  Indexes the 2-D views: a row view x2[q] is a new array struct whose reference to
-    the buffer Numba counts, ~11 ns (~40 cycles) per row."""
-    L = a.size
-    for q in range(q0, q1):
-        if fwd:
-            for l in range(L):
-                store(o2, (q, l), (load(x2, (q, l)) - a[l]) * b[l] + c[l])
-        else:
-            for l in range(L):
-                store(o2, (q, l), load(d2, (q, l)) * a[l] + load(x2, (q, l)) * b[l] + c[l])
 
 
 @_serial_if_small
